@@ -1,0 +1,59 @@
+"""The `icae` command: a thin dispatcher to one recipe module per subcommand.
+
+Each recipe exposes `main(argv: list[str]) -> int | None`. Problems the user can fix raise
+`UserError`, printed here as one line (the traceback only with `--debug`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from icae.errors import UserError
+
+COMMANDS = {
+    "pretrain": ("icae.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
+    "prepare": ("icae.prepare", "build train/eval JSON files from a dataset or local files"),
+    "eval": ("icae.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities"),
+    "compress": ("icae.inference", "compress text into memory slots (safetensors)"),
+    "reconstruct": ("icae.inference", "reconstruct text from memory slots"),
+    "generate": ("icae.inference", "continue text from memory slots"),
+    "layout": ("icae.positions", "print the position ids a layout assigns, as JSON"),
+    "ablate": ("icae.ablate", "run the seed's ablation grid"),
+    "report": ("icae.report", "plot and tabulate finished runs"),
+    "demo": ("icae.demo", "short pretraining + evaluation on the embedded model and corpus"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: icae COMMAND [flags...]   (icae COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "global flag: --debug  show full tracebacks"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        sys.exit(0)
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        entry = getattr(module, "main")
+        code = entry(rest, command=command) if command in ("compress", "reconstruct", "generate") else entry(rest)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

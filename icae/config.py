@@ -1,0 +1,79 @@
+"""Configuration of an ICAE model: a dataclass whose field names are the seed's / ICAE v2's flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icae.errors import UserError
+from icae.positions import LAYOUTS
+
+DECODER_MODES = ("frozen", "shared", "separate")
+CONFIG_NAME = "icae_config.json"
+
+
+@dataclass
+class ICAEConfig:
+    model_name_or_path: str = field(
+        default="smollm2-135m",
+        metadata={"help": "base LM: alias smollm2-135m (embedded), a local HF folder, a .gguf file or a hub id"},
+    )
+    fixed_mem_size: int = field(default=128, metadata={"help": "memory tokens per segment (m)"})
+    mean_compression_rate: int = field(default=4, metadata={"help": "text tokens per memory token (r)"})
+    position_layout: str = field(default="default", metadata={"help": "memory position ids: " + "|".join(LAYOUTS)})
+    decoder_mode: str = field(
+        default="frozen",
+        metadata={"help": "frozen: base LM without LoRA; shared: the LoRA-adapted encoder; separate: its own LoRA"},
+    )
+    lora_r: int = field(default=128, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(
+        default="", metadata={"help": "'' = PEFT's default (q_proj,v_proj for Llama), 'all-linear', or a comma list"}
+    )
+    # Filled in from the base model when a model is built; checked when a checkpoint is loaded.
+    hidden_size: int | None = None
+    vocab_size: int | None = None
+
+    def validate(self) -> "ICAEConfig":
+        if self.position_layout not in LAYOUTS:
+            raise UserError(
+                f"unknown --position_layout {self.position_layout!r}: choose one of {', '.join(LAYOUTS)}"
+            )
+        if self.decoder_mode not in DECODER_MODES:
+            raise UserError(f"unknown --decoder_mode {self.decoder_mode!r}: choose one of {', '.join(DECODER_MODES)}")
+        if self.fixed_mem_size < 1:
+            raise UserError(f"--fixed_mem_size must be at least 1 (got {self.fixed_mem_size})")
+        if self.mean_compression_rate < 1:
+            raise UserError(f"--mean_compression_rate must be at least 1 (got {self.mean_compression_rate})")
+        if self.lora_r < 1:
+            raise UserError(f"--lora_r must be at least 1 (got {self.lora_r})")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise UserError(f"--lora_dropout must be in [0, 1) (got {self.lora_dropout})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ICAEConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, directory: str | Path, **extra) -> None:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> tuple["ICAEConfig", dict]:
+        """The config and the whole JSON (which also records LoRA config and special tokens)."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise UserError(f"{directory} is not an ICAE checkpoint: {CONFIG_NAME} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is corrupt ({err}); use another checkpoint") from None
+        return cls.from_dict(data), data

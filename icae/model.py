@@ -1,0 +1,289 @@
+"""The in-context autoencoder: one base LM, LoRA, and a small table of memory/special embeddings.
+
+Encoder: the LoRA-adapted LM reads `[segment tokens, m memory tokens]`; the memory slots are
+the last hidden states (after the final norm) at the memory tokens. No vocabulary logits.
+Decoder: the same weights read `[slots, special token, targets]`, with the adapter
+disabled (`frozen`), enabled (`shared`), or a second adapter (`separate`). There is only ever
+one copy of the base weights.
+
+Batches come from `icae.collate`; position ids and an attention mask are always passed
+explicitly (transformers 5 reads position ids without a mask as packed sequences).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from icae.collate import IGNORE, Collator
+from icae.config import ICAEConfig
+from icae.errors import UserError
+
+WEIGHTS_NAME = "icae_weights.safetensors"
+ENCODER_ADAPTER, DECODER_ADAPTER = "default", "decoder"
+NUM_SPECIAL = 3  # [AE], [LM], [FT]
+
+
+@dataclass
+class ICAEOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    row_loss: torch.Tensor | None = None  # token-mean loss of each row (for invariance checks)
+    num_tokens: torch.Tensor | None = None
+
+
+def lora_targets(base_model: nn.Module, spec: str):
+    """'' -> PEFT's default for the architecture; 'all-linear'; or a checked comma list."""
+    spec = (spec or "").strip()
+    if spec in ("", "all-linear"):
+        return spec or None
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    linear = {name.rsplit(".", 1)[-1] for name, mod in base_model.named_modules() if isinstance(mod, nn.Linear)}
+    unknown = [n for n in names if n not in linear]
+    if unknown:
+        raise UserError(
+            f"--lora_target_modules names {', '.join(unknown)}, which this model does not have; "
+            f"its linear layers are: {', '.join(sorted(linear))} (or use 'all-linear')"
+        )
+    return names
+
+
+class ICAE(nn.Module):
+    def __init__(self, config: ICAEConfig, base_model: nn.Module | None = None, tokenizer=None):
+        super().__init__()
+        from peft import LoraConfig, get_peft_model
+
+        self.config = config.validate()
+        if base_model is None:
+            from icae.base_model import load_base_model, load_tokenizer
+
+            base_model = load_base_model(config.model_name_or_path)
+            tokenizer = tokenizer or load_tokenizer(config.model_name_or_path)
+        self.tokenizer = tokenizer
+        base_model.config.use_cache = False
+        embeddings = base_model.get_input_embeddings().weight
+        config.vocab_size, config.hidden_size = embeddings.shape
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+        self.lora_config = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=lora_targets(base_model, config.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        self.lm = get_peft_model(base_model, self.lora_config)
+        if config.decoder_mode == "separate":
+            self.lm.add_adapter(DECODER_ADAPTER, self.lora_config)
+        for name, p in self.lm.named_parameters():
+            p.requires_grad_("lora_" in name)  # both adapters train; add_adapter may have frozen one
+
+        # Rows 0..m-1: memory tokens; then [AE], [LM], [FT]. Drawn from the base table's statistics
+        # so the new tokens start where the LM expects embeddings to be.
+        table = embeddings.detach().float()
+        init = table.mean(0) + table.std(0) * torch.randn(config.fixed_mem_size + NUM_SPECIAL, table.shape[1])
+        self.memory_embeddings = nn.Embedding.from_pretrained(init, freeze=False)
+        self._adapter_state = "encoder"
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def base(self) -> nn.Module:
+        return self.lm.get_base_model()
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer body without the LM head (LlamaModel, MistralModel, ...)."""
+        return getattr(self.base, self.base.base_model_prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory_embeddings.weight.device
+
+    @property
+    def collator(self) -> Collator:
+        c = self.config
+        return Collator(c.position_layout, c.fixed_mem_size, c.mean_compression_rate, c.vocab_size)
+
+    def _set_adapter_state(self, state: str) -> None:
+        """Switch which LoRA weights the shared base layers apply, without touching requires_grad.
+
+        PEFT's own switches (`disable_adapter`, `set_adapter`) also flip requires_grad, which would
+        freeze weights mid-step; we only flip the two flags each LoRA layer reads in forward.
+        """
+        if state == self._adapter_state:
+            return
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.lm.modules():
+            if isinstance(module, BaseTunerLayer):
+                module._disable_adapters = state == "disabled"
+                module._active_adapter = DECODER_ADAPTER if state == "decoder" else ENCODER_ADAPTER
+        self._adapter_state = state
+
+    @contextlib.contextmanager
+    def _adapter(self, state: str):
+        previous = self._adapter_state
+        self._set_adapter_state(state)
+        try:
+            yield
+        finally:
+            self._set_adapter_state(previous)
+
+    def _decoder_state(self) -> str:
+        return {"frozen": "disabled", "shared": "encoder", "separate": "decoder"}[self.config.decoder_mode]
+
+    def _checkpoint_context(self):
+        # Gradient checkpointing recomputes layers during backward, when another adapter state may
+        # be active: recompute each layer under the state it first ran with.
+        state = self._adapter_state
+        return contextlib.nullcontext(), self._adapter(state)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_context}
+        kwargs.update(gradient_checkpointing_kwargs or {})
+        kwargs["use_reentrant"] = False  # context_fn needs the non-reentrant implementation
+        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base.gradient_checkpointing_disable()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ids < vocab_size from the base table, of the rest from the memory table."""
+        vocab = self.config.vocab_size
+        is_new = ids >= vocab
+        base = self.base.get_input_embeddings()(ids.masked_fill(is_new, 0))
+        new = self.memory_embeddings((ids - vocab).clamp(min=0)).to(base.dtype)
+        return torch.where(is_new.unsqueeze(-1), new, base)
+
+    # ------------------------------------------------------------------ the two halves
+
+    def encode(self, encoder_input_ids, encoder_attention_mask, encoder_position_ids) -> torch.Tensor:
+        """Memory slots of every segment row: (segments, m, hidden)."""
+        with self._adapter("encoder"):
+            hidden = self.backbone(
+                inputs_embeds=self.embed(encoder_input_ids),
+                attention_mask=encoder_attention_mask,
+                position_ids=encoder_position_ids,
+                use_cache=False,
+            ).last_hidden_state
+        is_memory = encoder_input_ids >= self.config.vocab_size
+        return hidden[is_memory].view(encoder_input_ids.shape[0], self.config.fixed_mem_size, -1)
+
+    def decoder_embeddings(self, decoder_input_ids, num_segments, slots) -> torch.Tensor:
+        """Decoder row embeddings with the first n_i*m positions of row i replaced by its slots."""
+        embeds = self.embed(decoder_input_ids)
+        n_slots = num_segments.to(embeds.device) * self.config.fixed_mem_size
+        is_slot = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < n_slots[:, None]
+        return embeds.masked_scatter(is_slot.unsqueeze(-1).expand_as(embeds), slots.to(embeds.dtype))
+
+    def decoder_loss(self, inputs_embeds, decoder_attention_mask, decoder_position_ids, labels) -> ICAEOutput:
+        with self._adapter(self._decoder_state()):
+            hidden = self.backbone(
+                inputs_embeds=inputs_embeds,
+                attention_mask=decoder_attention_mask,
+                position_ids=decoder_position_ids,
+                use_cache=False,
+            ).last_hidden_state
+            targets = labels[:, 1:]
+            is_target = targets != IGNORE
+            logits = self.base.get_output_embeddings()(hidden[:, :-1][is_target])  # only where needed
+        token_loss = F.cross_entropy(logits.float(), targets[is_target], reduction="none")
+        rows = is_target.nonzero()[:, 0]
+        count = is_target.sum(1)
+        row_loss = torch.zeros(labels.shape[0], device=token_loss.device).index_add(0, rows, token_loss)
+        row_loss = row_loss / count.clamp(min=1)
+        loss = token_loss.mean() if token_loss.numel() else inputs_embeds.sum() * 0.0
+        return ICAEOutput(loss=loss, row_loss=row_loss, num_tokens=count.sum())
+
+    def forward(
+        self,
+        encoder_input_ids,
+        encoder_attention_mask,
+        encoder_position_ids,
+        num_segments,
+        decoder_input_ids,
+        decoder_attention_mask,
+        decoder_position_ids,
+        labels,
+    ) -> ICAEOutput:
+        slots = self.encode(encoder_input_ids, encoder_attention_mask, encoder_position_ids)
+        embeds = self.decoder_embeddings(decoder_input_ids, num_segments, slots)
+        return self.decoder_loss(embeds, decoder_attention_mask, decoder_position_ids, labels)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Only what was trained (LoRA + memory embeddings), plus a config to rebuild the rest."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state_dict(), str(directory / WEIGHTS_NAME))
+        lora = self.lora_config.to_dict()
+        lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
+        special = {
+            "memory_token_ids": [self.config.vocab_size, self.config.vocab_size + self.config.fixed_mem_size - 1],
+            "ae_token_id": self.config.vocab_size + self.config.fixed_mem_size,
+            "lm_token_id": self.config.vocab_size + self.config.fixed_mem_size + 1,
+            "ft_token_id": self.config.vocab_size + self.config.fixed_mem_size + 2,
+        }
+        self.config.save(directory, lora_config=lora, special_tokens=special)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    def load_trainable_weights(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / WEIGHTS_NAME
+        if not path.is_file():
+            raise UserError(f"{directory} has no {WEIGHTS_NAME}: not a complete ICAE checkpoint")
+        state = load_file(str(path))
+        own = dict(self.named_parameters())
+        missing = [n for n, p in own.items() if p.requires_grad and n not in state]
+        if missing or set(state) - set(own):
+            raise UserError(
+                f"{path} does not match this model (missing {len(missing)} tensors, "
+                f"{len(set(state) - set(own))} unexpected): was it trained with other LoRA targets or mode?"
+            )
+        for name, tensor in state.items():
+            if own[name].shape != tensor.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+            with torch.no_grad():
+                own[name].copy_(tensor)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, model_name_or_path: str | None = None, base_model=None, tokenizer=None, **overrides
+    ) -> "ICAE":
+        config, _ = ICAEConfig.load(directory)
+        expected = (config.hidden_size, config.vocab_size)
+        if model_name_or_path:
+            config.model_name_or_path = model_name_or_path
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        model = cls(config, base_model=base_model, tokenizer=tokenizer)
+        if None not in expected and (config.hidden_size, config.vocab_size) != expected:
+            raise UserError(
+                f"checkpoint {directory} was trained on a base model with hidden size {expected[0]} and vocabulary "
+                f"{expected[1]}, but {config.model_name_or_path} has {config.hidden_size} and {config.vocab_size}: "
+                "pass the base model it was trained with (--model_name_or_path)"
+            )
+        model.load_trainable_weights(directory)
+        return model
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(trainable, total), counting the shared base weights once."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())

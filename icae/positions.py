@@ -1,0 +1,135 @@
+"""Position ids of memory tokens: the contract of ../shared/design/POSITIONS.md as pure functions.
+
+Everything here works on plain ints and lists so tests (and `icae layout`) can check every
+worked example without a model. The collator turns these lists into tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+
+LAYOUTS = ("default", "epl", "epl_fixed")
+TASKS = ("ae", "lm", "ft")
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        from icae.errors import UserError
+
+        raise UserError(f"unknown position layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def segment_spans(length: int, mem_size: int, rate: int) -> list[tuple[int, int]]:
+    """(offset, length) of each segment: n = ceil(L / (m*r)) segments of s = ceil(L / n) tokens."""
+    if length < 1:
+        raise ValueError("a text to compress needs at least one token")
+    n = math.ceil(length / (mem_size * rate))
+    s = math.ceil(length / n)
+    return [(j * s, min(s, length - j * s)) for j in range(n)]
+
+
+def memory_positions(layout: str, seg_len: int, mem_size: int, rate: int, offset: int = 0) -> list[int]:
+    """Positions of one segment's m memory tokens (epl: the centre of the span each summarises)."""
+    if layout == "default":
+        return list(range(seg_len, seg_len + mem_size))
+    if layout == "epl_fixed":
+        return [offset + (rate + 1) // 2 + k * rate for k in range(mem_size)]
+    if layout == "epl":
+        c = seg_len / mem_size
+        centres = torch.linspace(1 + (c - 1) / 2, seg_len - (c - 1) / 2, mem_size, dtype=torch.float64)
+        return [offset + int(p) for p in torch.round(centres).tolist()]  # round half to even
+    check_layout(layout)
+    raise AssertionError("unreachable")
+
+
+def encoder_positions(layout: str, seg_len: int, mem_size: int, rate: int, offset: int = 0) -> list[int]:
+    """Positions of an encoder row `[segment tokens, memory tokens]`."""
+    if layout == "default":
+        return list(range(seg_len + mem_size))
+    text = list(range(offset + 1, offset + seg_len + 1))
+    return text + memory_positions(layout, seg_len, mem_size, rate, offset)
+
+
+def slot_positions(layout: str, text_len: int, mem_size: int, rate: int) -> list[int]:
+    """Positions of all n*m memory slots of a text, in segment order, as the decoder sees them."""
+    if layout == "default":
+        return list(range(len(segment_spans(text_len, mem_size, rate)) * mem_size))
+    return [
+        p
+        for offset, seg_len in segment_spans(text_len, mem_size, rate)
+        for p in memory_positions(layout, seg_len, mem_size, rate, offset)
+    ]
+
+
+def decoder_positions(
+    layout: str, text_len: int, mem_size: int, rate: int, task: str, num_tokens: int, special_token: bool = True
+) -> list[int]:
+    """Positions of a decoder row `[slots, special token?, num_tokens tokens]`.
+
+    epl: the AE token sits at 0 so each reconstructed token keeps its original position; for LM
+    and FT the special token sits at L and what follows continues the compressed text at L+1.
+    """
+    n_slots = len(segment_spans(text_len, mem_size, rate)) * mem_size
+    n_special = 1 if special_token else 0
+    if layout == "default":
+        return list(range(n_slots + n_special + num_tokens))
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}")
+    if task == "ae" and not special_token:
+        raise ValueError("the AE task always has its [AE] token")
+    first = 1 if task == "ae" else text_len + 1  # position of the first token after the special one
+    special = [first - 1] if special_token else []
+    return slot_positions(layout, text_len, mem_size, rate) + special + list(range(first, first + num_tokens))
+
+
+# ----------------------------------------------------------------------------- `icae layout`
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="icae layout", description="Print the position ids a layout assigns.")
+    parser.add_argument("--layout", default="epl", help=f"one of {', '.join(LAYOUTS)}")
+    parser.add_argument("--length", type=int, required=True, help="number of text tokens L")
+    parser.add_argument("--mem_size", "--fixed_mem_size", type=int, default=128, dest="mem_size")
+    parser.add_argument("--mean_compression_rate", type=int, default=4)
+    parser.add_argument("--task", default="ae", choices=TASKS)
+    parser.add_argument("--target_length", type=int, default=None,
+                        help="decoder tokens after the special token (default: L+1 for ae, 8 otherwise)")
+    parser.add_argument("--no_special_token", action="store_true", help="LM without the [LM] token")
+    args = parser.parse_args(argv)
+    from icae.errors import UserError
+
+    check_layout(args.layout)
+    if args.length < 1 or args.mem_size < 1 or args.mean_compression_rate < 1:
+        raise UserError("--length, --mem_size and --mean_compression_rate must be positive integers")
+    m, r, L = args.mem_size, args.mean_compression_rate, args.length
+    n_targets = args.target_length if args.target_length is not None else (L + 1 if args.task == "ae" else 8)
+    spans = segment_spans(L, m, r)
+    out = {
+        "layout": args.layout,
+        "length": L,
+        "mem_size": m,
+        "mean_compression_rate": r,
+        "segments": [
+            {
+                "offset": o,
+                "length": s,
+                "memory_positions": memory_positions(args.layout, s, m, r, o),
+                "encoder_positions": encoder_positions(args.layout, s, m, r, o),
+            }
+            for o, s in spans
+        ],
+        "decoder": {
+            "task": args.task,
+            "row": f"[{len(spans) * m} slots, "
+            + ("" if args.no_special_token else f"[{args.task.upper()}], ")
+            + f"{n_targets} tokens]",
+            "positions": decoder_positions(args.layout, L, m, r, args.task, n_targets, not args.no_special_token),
+        },
+    }
+    print(json.dumps(out))
+    return 0
