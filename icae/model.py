@@ -91,6 +91,9 @@ class ICAE(nn.Module):
         init = table.mean(0) + table.std(0) * torch.randn(config.fixed_mem_size + NUM_SPECIAL, table.shape[1])
         self.memory_embeddings = nn.Embedding.from_pretrained(init, freeze=False)
         self._adapter_state = "encoder"
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._tuner_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
 
     # ------------------------------------------------------------------ plumbing
 
@@ -120,12 +123,9 @@ class ICAE(nn.Module):
         """
         if state == self._adapter_state:
             return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in self.lm.modules():
-            if isinstance(module, BaseTunerLayer):
-                module._disable_adapters = state == "disabled"
-                module._active_adapter = DECODER_ADAPTER if state == "decoder" else ENCODER_ADAPTER
+        for module in self._tuner_layers:
+            module._disable_adapters = state == "disabled"
+            module._active_adapter = DECODER_ADAPTER if state == "decoder" else ENCODER_ADAPTER
         self._adapter_state = state
 
     @contextlib.contextmanager
@@ -185,17 +185,22 @@ class ICAE(nn.Module):
         is_slot = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < n_slots[:, None]
         return embeds.masked_scatter(is_slot.unsqueeze(-1).expand_as(embeds), slots.to(embeds.dtype))
 
-    def decoder_loss(self, inputs_embeds, decoder_attention_mask, decoder_position_ids, labels) -> ICAEOutput:
+    def decoder_hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
+        """The decoder's backbone output under the decoder mode's adapter state."""
         with self._adapter(self._decoder_state()):
-            hidden = self.backbone(
+            return self.backbone(
                 inputs_embeds=inputs_embeds,
-                attention_mask=decoder_attention_mask,
-                position_ids=decoder_position_ids,
-                use_cache=False,
-            ).last_hidden_state
-            targets = labels[:, 1:]
-            is_target = targets != IGNORE
-            logits = self.base.get_output_embeddings()(hidden[:, :-1][is_target])  # only where needed
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+            )
+
+    def decoder_loss(self, inputs_embeds, decoder_attention_mask, decoder_position_ids, labels) -> ICAEOutput:
+        hidden = self.decoder_hidden(inputs_embeds, decoder_attention_mask, decoder_position_ids).last_hidden_state
+        targets = labels[:, 1:]
+        is_target = targets != IGNORE
+        logits = self.base.get_output_embeddings()(hidden[:, :-1][is_target])  # only where there are labels
         token_loss = F.cross_entropy(logits.float(), targets[is_target], reduction="none")
         rows = is_target.nonzero()[:, 0]
         count = is_target.sum(1)
