@@ -292,3 +292,23 @@ class ICAE(nn.Module):
         """(trainable, total), counting the shared base weights once."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ use (implemented in icae.inference)
+
+    def compress(self, texts, **kwargs):
+        """Memory slots per text: a list of (n_segments * m, hidden) tensors."""
+        from icae.inference import compress
+
+        return compress(self, texts, **kwargs)
+
+    def reconstruct(self, memory, **kwargs):
+        """Texts decoded from memory slots with the [AE] task."""
+        from icae.inference import reconstruct
+
+        return reconstruct(self, memory, **kwargs)
+
+    def generate(self, memory, prompt=None, **kwargs):
+        """Continuations of the compressed texts ([LM]), or answers to a prompt ([FT])."""
+        from icae.inference import generate
+
+        return generate(self, memory, prompt=prompt, **kwargs)

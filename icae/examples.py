@@ -1,0 +1,89 @@
+"""Pretraining examples exactly as ICAE v2 builds them (`text_extraction`, `pretrain_tokenize_function`),
+with the seed's change: token ids are cut to `model_max_length` first, so every text is one span.
+
+Pure functions over token-id lists; randomness comes from a `random.Random` the caller seeds, so
+an example depends only on (seed, index), whatever the process or order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from icae.errors import UserError
+
+IGNORE = -100
+
+
+@dataclass
+class ExampleConfig:
+    model_max_length: int = 512
+    lm_ratio: float = 0.0
+    min_tokens_for_lm: int = 64
+    leave_tokens_for_lm: int = 8
+    add_special_token_for_lm: bool = False
+
+    def validate(self) -> "ExampleConfig":
+        if self.model_max_length < 1:
+            raise UserError(f"--model_max_length must be at least 1 (got {self.model_max_length})")
+        if not 0.0 <= self.lm_ratio <= 1.0:
+            raise UserError(f"--lm_ratio must be between 0 and 1 (got {self.lm_ratio})")
+        if self.min_tokens_for_lm < 0 or self.leave_tokens_for_lm < 0:
+            raise UserError("--min_tokens_for_lm and --leave_tokens_for_lm must not be negative")
+        if self.leave_tokens_for_lm > self.min_tokens_for_lm:
+            raise UserError(
+                f"--leave_tokens_for_lm ({self.leave_tokens_for_lm}) is larger than --min_tokens_for_lm "
+                f"({self.min_tokens_for_lm}): an LM continuation could then carry no loss; lower the first "
+                "or raise the second"
+            )
+        return self
+
+
+def text_extraction(ids: list[int], length: int, lm_ratio: float, rng: random.Random) -> tuple[list[int], list[int]]:
+    """ICAE v2: (text to compress, continuation). AE: a random window of `length` tokens and no
+    continuation; LM: a random prefix and what follows it."""
+    if not ids:
+        raise ValueError("empty token list")
+    if rng.random() >= lm_ratio:  # AE
+        if len(ids) <= length:
+            return ids, []
+        start = rng.randint(0, len(ids) - length)
+        return ids[start : start + length], []
+    if len(ids) <= length:  # LM
+        cut = rng.randint(0, len(ids) - 1)
+        return ids[: cut + 1], ids[cut + 1 :]
+    start = rng.randint(0, len(ids) - length)
+    return ids[start : start + length], ids[start + length :]
+
+
+def ae_example(ids: list[int], eos_id: int) -> dict:
+    target = list(ids) + [eos_id]
+    return {"input_ids": list(ids), "task": "ae", "special": True, "target_ids": target, "target_labels": target}
+
+
+def pretrain_example(ids: list[int], cfg: ExampleConfig, eos_id: int, rng: random.Random) -> dict:
+    """One AE or LM example from a text's token ids (cut to model_max_length, as the seed does)."""
+    ids = list(ids[: cfg.model_max_length])
+    text, continuation = text_extraction(ids, cfg.model_max_length, cfg.lm_ratio, rng)
+    if len(continuation) <= cfg.min_tokens_for_lm:  # too little to predict: autoencode instead
+        return ae_example(text, eos_id)
+    continuation = continuation[: cfg.model_max_length]
+    k = cfg.leave_tokens_for_lm
+    return {
+        "input_ids": text,
+        "task": "lm",
+        "special": cfg.add_special_token_for_lm,
+        "target_ids": continuation,
+        "target_labels": [IGNORE] * k + continuation[k:],
+    }
+
+
+def build_examples(token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int, seed: int, eval_set: bool = False):
+    """Examples for a whole split; the eval set is AE only (the seed's eval curve is the AE loss)."""
+    out = []
+    for index, ids in enumerate(token_lists):
+        if eval_set:
+            out.append(ae_example(list(ids[: cfg.model_max_length]), eos_id))
+        else:
+            out.append(pretrain_example(ids, cfg, eos_id, random.Random(f"{seed}:{index}")))
+    return out
