@@ -238,6 +238,7 @@ class ICAE(nn.Module):
         save_file(self.trainable_state_dict(), str(directory / WEIGHTS_NAME))
         lora = self.lora_config.to_dict()
         lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
+        lora["target_modules"] = self.lora_target_names()
         special = {
             "memory_token_ids": [self.config.vocab_size, self.config.vocab_size + self.config.fixed_mem_size - 1],
             "ae_token_id": self.config.vocab_size + self.config.fixed_mem_size,
@@ -287,6 +288,10 @@ class ICAE(nn.Module):
             )
         model.load_trainable_weights(directory)
         return model
+
+    def lora_target_names(self) -> list[str]:
+        """The module names LoRA was put on (e.g. ['q_proj', 'v_proj']), whatever the spec said."""
+        return sorted({name.rsplit(".", 1)[-1] for name, m in self.lm.named_modules() if m in self._tuner_layers})
 
     def num_parameters(self) -> tuple[int, int]:
         """(trainable, total), counting the shared base weights once."""

@@ -77,6 +77,8 @@ class PretrainArguments(TrainingArguments):
         self.remove_unused_columns = False  # our collator reads the raw examples
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
             self.use_cpu = True  # torchrun on CPUs: without this Trainer runs N unsynchronised copies
+        if not _cuda_available():
+            self.dataloader_pin_memory = False
         super().__post_init__()
 
     def example_config(self) -> ExampleConfig:

@@ -116,7 +116,7 @@ def describe_model(model: ICAE) -> str:
     """What the seed printed to be sure the LoRA targets took: the LoRA config and parameter counts."""
     trainable, total = model.num_parameters()
     lora = model.lora_config
-    targets = lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules or [])
+    targets = model.lora_target_names()
     return (
         f"LoRA: r={lora.r} alpha={lora.lora_alpha} dropout={lora.lora_dropout} target_modules={targets}\n"
         f"ICAE: layout={model.config.position_layout} decoder={model.config.decoder_mode} "

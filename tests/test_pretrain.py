@@ -1,0 +1,137 @@
+"""`icae pretrain` end to end on a tiny model: the seed's command lines, resume, two processes."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from icae.pretrain import main as pretrain
+from icae.testing import save_tiny_model
+
+SEED_COMMON = (
+    '--model_max_length 512 --lm_ratio 0.5 --gradient_accumulation_steps 32 --per_device_train_batch_size 1 '
+    '--num_train_epochs 1 --per_device_eval_batch_size 1 --learning_rate 1e-4 --warmup_steps 300 '
+    '--max_grad_norm 2.0 --overwrite_output_dir --logging_steps 10 --evaluation_strategy "steps" --eval_steps 100 '
+    "--add_special_token_for_lm True"
+)
+SEED_RUNS = {
+    "default": "--use_my_pe False",
+    "epl": "--use_my_pe True",
+    "default_all_linear": "--use_my_pe False --lora_target_modules 'all-linear'",
+    "epl_all_linear": "--use_my_pe True --lora_target_modules 'all-linear'",
+}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain")
+    model = save_tiny_model(root / "tiny")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    texts = [" ".join(words[(i + j) % len(words)] for j in range(40 + i)) + f" #{i}" for i in range(24)]
+    (root / "train.json").write_text(json.dumps([{"text": t} for t in texts[4:]]))
+    (root / "eval.json").write_text(json.dumps(texts[:4]))
+    return root, model
+
+
+def tiny_flags(root, model, out):
+    return (f"--output_dir {out} --model_name_or_path {model} --train_file {root}/train.json "
+            f"--eval_file {root}/eval.json --lora_r 8 --report_to none")
+
+
+@pytest.mark.parametrize("run", SEED_RUNS)
+def test_seed_command_lines(workspace, run):
+    root, model = workspace
+    out = root / f"seed-{run}"
+    # the seed's lines verbatim; the appended flags only shorten the run (argparse: the last one wins)
+    argv = shlex.split(f"{SEED_COMMON} {SEED_RUNS[run]} {tiny_flags(root, model, out)} "
+                       "--max_steps 2 --gradient_accumulation_steps 3")
+    assert pretrain(argv) == 0
+    config = json.loads((out / "icae_config.json").read_text())
+    assert config["position_layout"] == ("epl" if "epl" in run else "default")
+    targets = set(config["lora_config"]["target_modules"])
+    if "all_linear" in run:
+        assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    else:
+        assert targets == {"q_proj", "v_proj"}
+    # only trained weights are saved: LoRA + memory embeddings, nothing of the base model
+    weights = load_file(out / "icae_weights.safetensors")
+    assert weights and all("lora_" in k or k == "memory_embeddings.weight" for k in weights)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records) and any("train_loss" in r for r in records)
+
+
+def test_cli_entry_points_and_bad_output_dir(workspace):
+    root, model = workspace
+    out = root / "cli"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's file")
+    cmd = [sys.executable, "-m", "icae.pretrain", *shlex.split(tiny_flags(root, model, out)), "--max_steps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not empty" in proc.stderr and "--overwrite_output_dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(cmd + ["--overwrite_output_dir"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "trainable params" in proc.stdout and "target_modules=['q_proj', 'v_proj']" in proc.stdout
+    assert not (out / "notes.txt").exists()
+
+
+def _weights(path):
+    return load_file(Path(path) / "icae_weights.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_weights(workspace):
+    root, model = workspace
+    flags = (tiny_flags(root, model, "{out}") + " --fixed_mem_size 8 --model_max_length 128 --lm_ratio 0.5 "
+             "--min_tokens_for_lm 16 --max_steps 24 --save_steps 4 --logging_steps 4 --eval_strategy no "
+             "--per_device_train_batch_size 2 --learning_rate 5e-3 --seed 11 --lora_dropout 0.05")
+    straight = root / "straight"
+    assert pretrain(shlex.split(flags.format(out=straight))) == 0
+
+    killed = root / "killed"
+    cmd = [sys.executable, "-m", "icae", "pretrain", *shlex.split(flags.format(out=killed))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-8" / "COMPLETE").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoint-24").exists(), "the run finished before it could be killed"
+    # the same command again resumes from the last complete checkpoint
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resume: " in proc.stdout and "resume: None" not in proc.stdout
+    state = json.loads((killed / "checkpoint-24" / "trainer_state.json").read_text())
+    assert state["global_step"] == 24
+    a, b = _weights(straight), _weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(workspace):
+    """Gradients are synchronised: 2 gloo ranks x batch 1 == 1 process x batch 2 (equal-length AE rows)."""
+    root, model = workspace
+    flags = (f"--model_name_or_path {model} --train_file {root}/train.json --eval_file {root}/eval.json "
+             "--fixed_mem_size 8 --model_max_length 48 --lm_ratio 0 --max_steps 4 --logging_steps 1 --lora_r 8 "
+             "--lora_dropout 0 --learning_rate 1e-2 --save_strategy no --report_to none --seed 3 "
+             "--eval_strategy no --overwrite_output_dir")
+    one, two = root / "one-process", root / "two-processes"
+    assert pretrain(shlex.split(f"{flags} --output_dir {one} --per_device_train_batch_size 2")) == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "icae", "pretrain"]
+    proc = subprocess.run(torchrun + shlex.split(f"{flags} --output_dir {two} --per_device_train_batch_size 1"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]  # noqa: E731
+    assert len(losses(two)) == 4, "one metrics file, written by rank 0 only"
+    assert losses(two) == pytest.approx(losses(one), abs=1e-4)
+    a, b = _weights(one), _weights(two)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=0)
