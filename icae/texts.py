@@ -1,0 +1,347 @@
+"""Text sources for training and evaluation: the built-in corpus or local files.
+
+The built-in corpus is English prose that ships with every CPython (the reference manual's
+topics and the standard library's docstrings), so the demo and the tests need no network.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import hashlib
+import importlib.machinery
+import importlib.util
+import inspect
+import io
+import json
+import os
+import pkgutil
+import re
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+from icae.errors import UserError
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+BUILTIN_MIN_CHARS = 200
+
+FORMATS = ".json, .jsonl, .parquet or .txt file, a folder of .txt files, or " + BUILTIN_PYTHON_DOCS
+
+# Modules that are tests, GUIs, demos, deprecated shims or have import-time side effects
+# (opening a browser, printing, installing a readline completer).
+_SKIP_TOP = {
+    "test", "idlelib", "tkinter", "turtle", "turtledemo", "antigravity", "this", "readline",
+    "rlcompleter", "lib2to3", "distutils", "ensurepip", "venv", "pydoc_data",
+}
+_SKIP_PARTS = {"test", "tests", "idle_test", "__main__"}
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _wanted(name: str) -> bool:
+    parts = name.split(".")
+    return parts[0] not in _SKIP_TOP and not any(p.startswith("_") or p in _SKIP_PARTS for p in parts)
+
+
+def _python_sources() -> list[tuple[str, Path]]:
+    """(module name, source file) for the public stdlib modules written in Python, packages walked."""
+    found = []
+
+    def walk(folder: Path, prefix: str) -> None:
+        for info in pkgutil.iter_modules([str(folder)]):
+            name = prefix + info.name
+            if not _wanted(name) or (not prefix and name not in sys.stdlib_module_names):
+                continue
+            if info.ispkg:
+                found.append((name, folder / info.name / "__init__.py"))
+                walk(folder / info.name, name + ".")
+            else:
+                found.append((name, folder / f"{info.name}.py"))
+
+    walk(Path(sysconfig.get_paths()["stdlib"]), "")
+    return sorted((name, path) for name, path in found if path.is_file())
+
+
+def _extension_modules() -> list:
+    """The stdlib modules written in C (math, _io, _collections...), imported quietly.
+
+    Private ones are included: they hold the real docs of classes such as `deque` and `TextIOWrapper`.
+    """
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    modules = []
+    for name in sorted(sys.stdlib_module_names):
+        if name.lstrip("_") in _SKIP_TOP:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        origin = getattr(spec, "origin", None) or ""
+        is_ext = origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+        if origin == "built-in" or (is_ext and os.path.realpath(origin).startswith(stdlib)):
+            module = _quiet_import(name)
+            if module is not None:
+                modules.append(module)
+    return modules
+
+
+def _quiet_import(name: str):
+    """Import without letting the module print or warn; None when it cannot be imported here."""
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            warnings.simplefilter("ignore")
+            return importlib.import_module(name)
+    except (Exception, SystemExit):  # noqa: BLE001 - platform-specific modules fail in many ways
+        return None
+
+
+def _is_method(name: str) -> bool:
+    return not name.startswith("_") or (name.startswith("__") and name.endswith("__"))
+
+
+def _parsed_members(path: Path):
+    """Module docstring and (name, is_class, doc, [(method, doc)]) read from source, importing nothing.
+
+    Reading source rather than live objects keeps the corpus the same whatever other libraries
+    have imported or monkeypatched in this process.
+    """
+    try:
+        with warnings.catch_warnings():  # old escape sequences in some stdlib files warn on 3.12+
+            warnings.simplefilter("ignore")
+            tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return "", []
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef)
+    members = []
+    for node in _top_level(tree.body):
+        if isinstance(node, (*defs, ast.ClassDef)) and not node.name.startswith("_"):
+            methods = []
+            if isinstance(node, ast.ClassDef):
+                own = [m for m in node.body if isinstance(m, defs) and _is_method(m.name)]
+                methods = [(m.name, ast.get_docstring(m) or "") for m in own]
+            members.append((node.name, isinstance(node, ast.ClassDef), ast.get_docstring(node) or "", methods))
+    return ast.get_docstring(tree) or "", members
+
+
+def _top_level(body):
+    """Module-level statements, including those inside `if`/`try` blocks (platform variants)."""
+    for node in body:
+        yield node
+        if isinstance(node, (ast.If, ast.Try)):
+            handlers = [h.body for h in getattr(node, "handlers", [])]
+            for block in (node.body, node.orelse, getattr(node, "finalbody", []), *handlers):
+                yield from _top_level(block)
+
+
+def _doc(obj) -> str:
+    doc = getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+def _live_members(module):
+    """Like `_parsed_members`, for a C module. Dunder methods are left out: C slot wrappers carry
+    boilerplate ("Return self+value.")."""
+    members = []
+    for name, obj in sorted(vars(module).items()):
+        if module is sys:  # sys.__excepthook__ etc. keep the originals of hooks others replace (pytest does)
+            obj = getattr(sys, f"__{name}__", obj)
+        # Only what the module defines: `_collections.deque` says it is from `collections`.
+        owner = str(getattr(obj, "__module__", None)).lstrip("_")
+        if name.startswith("_") or owner != module.__name__.lstrip("_"):
+            continue
+        if inspect.isclass(obj):
+            methods = [(n, _doc(m)) for n, m in vars(obj).items() if not n.startswith("_") and callable(m)]
+            members.append((name, True, _doc(obj), methods))
+        elif inspect.isroutine(obj):
+            members.append((name, False, _doc(obj), []))
+    return _doc(module), members
+
+
+def _module_texts(module_name: str, doc: str, members) -> list[tuple[str, str]]:
+    """(key, text): one per class (its methods' docs appended, for longer documents) and per long
+    function; short function docs join the module's own text. `_heapq` is keyed as `heapq`."""
+    public = module_name.lstrip("_")
+    head, out = [doc], []
+    for name, is_class, member_doc, methods in members:
+        if is_class:
+            parts = [member_doc] + [f"{name}.{m}: {d}" for m, d in methods if d]
+            out.append((f"{public}.{name}", "\n\n".join(p for p in parts if p)))
+        elif len(member_doc) >= BUILTIN_MIN_CHARS:
+            out.append((f"{public}.{name}", member_doc))
+        elif member_doc:
+            head.append(f"{name}: {member_doc}")
+    return [(public, "\n\n".join(p for p in head if p))] + out
+
+
+def _build_python_docs() -> list[str]:
+    import pydoc_data.topics
+
+    keyed = [(f"topic:{k}", v) for k, v in sorted(pydoc_data.topics.topics.items())]
+    for name, path in _python_sources():
+        keyed += _module_texts(name, *_parsed_members(path))
+    for module in _extension_modules():
+        keyed += _module_texts(module.__name__, *_live_members(module))
+    # The Python source wins over its C accelerator (`heapq` over `_heapq`): no near-duplicates.
+    keyed = list({key: text for key, text in reversed(keyed)}.items())
+    # Order by a hash of the key: stable across runs, yet mixes modules, so the first texts
+    # (the eval split) are a fair sample rather than all of `abc` and `argparse`.
+    keyed.sort(key=lambda kv: hashlib.sha256(kv[0].encode()).hexdigest())
+    texts, seen = [], set()
+    for _, text in keyed:
+        text = _ADDRESS.sub("", text).strip()
+        norm = " ".join(text.split())
+        if len(text) >= BUILTIN_MIN_CHARS and norm not in seen:
+            seen.add(norm)
+            texts.append(text)
+    return texts
+
+
+@functools.lru_cache(maxsize=1)
+def _python_docs() -> tuple[str, ...]:
+    return tuple(_build_python_docs())
+
+
+def builtin_python_docs() -> list[str]:
+    """The built-in corpus: about 1.8M characters, the same list in every process on one Python.
+
+    Built from source files and C docstrings in a few seconds, then kept for this process.
+    """
+    return list(_python_docs())
+
+
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8, with bad bytes replaced by U+FFFD and a warning: one stray byte should not stop a run."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+    # Valid parts re-encode to their own bytes; original U+FFFD (EF BF BD) always decodes as itself.
+    replaced = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+    bad = len(data) - (len(text.encode("utf-8")) - 3 * replaced)
+    warnings.warn(f"{path}: {bad} bytes are not valid UTF-8; replaced them with U+FFFD", stacklevel=3)
+    return text
+
+
+def _read(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
+    if not data.strip():
+        raise UserError(f"{path} is empty; pass a file that holds texts")
+    return _decode(data, path)
+
+
+def _item_text(item, where: str) -> str:
+    if isinstance(item, str):
+        return item
+    if isinstance(item, dict) and isinstance(item.get("text"), str):
+        return item["text"]
+    raise UserError(f'{where} is {_describe(item)}; make it a string or an object with a "text" string')
+
+
+def _describe(value) -> str:
+    if isinstance(value, dict):
+        return f"an object with keys {sorted(value)[:5]}"
+    return f"a JSON {type(value).__name__}" if value is not None else "null"
+
+
+def _load_json(path: Path) -> list[str]:
+    try:
+        data = json.loads(_read(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}; fix the file") from None
+    if not isinstance(data, list):
+        raise UserError(
+            f'{path}: expected a JSON list of strings or of objects with "text", got {_describe(data)}; fix the file'
+        )
+    return [_item_text(item, f"{path}: item {i}") for i, item in enumerate(data)]
+
+
+def _load_jsonl(path: Path) -> list[str]:
+    texts = []
+    for lineno, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: line {lineno} is not valid JSON ({err.msg}); fix or remove it") from None
+        if not (isinstance(item, dict) and isinstance(item.get("text"), str)):
+            raise UserError(f'{path}: line {lineno} must be an object with a "text" string, not {_describe(item)}')
+        texts.append(item["text"])
+    return texts
+
+
+def _load_parquet(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"{path}: cannot read it as Parquet ({err}); check the file") from None
+    if "text" not in table.column_names:
+        raise UserError(f'{path}: no "text" column (it has {table.column_names}); name the text column "text"')
+    texts = []
+    for i, value in enumerate(table.column("text").to_pylist()):
+        if isinstance(value, bytes):
+            value = _decode(value, path)
+        if not isinstance(value, str):
+            raise UserError(f'{path}: row {i} of column "text" is {_describe(value)}; make every row a string')
+        texts.append(value)
+    return texts
+
+
+def _load_path(path: Path) -> list[str]:
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise UserError(f"{path} is a folder with no .txt files; add .txt files (one text each) or pass a file")
+        return [_read(f) for f in files]
+    loaders = {".json": _load_json, ".jsonl": _load_jsonl, ".parquet": _load_parquet, ".txt": _read}
+    loader = loaders.get(path.suffix.lower())
+    if loader is None:
+        raise UserError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use a {FORMATS}")
+    result = loader(path)
+    return [result] if isinstance(result, str) else result
+
+
+def load_texts(source: str, min_chars: int = 0) -> list[str]:
+    """Texts from `builtin:python-docs` or a local .json/.jsonl/.parquet/.txt file or .txt folder.
+
+    Texts shorter than `min_chars` (or blank) are skipped. Bytes that are not UTF-8 are replaced
+    with U+FFFD and a warning names the file and the count, rather than failing the whole run.
+    """
+    if source.startswith("builtin:"):
+        if source != BUILTIN_PYTHON_DOCS:
+            raise UserError(f"unknown built-in corpus {source!r}; the only one is {BUILTIN_PYTHON_DOCS}")
+        texts = builtin_python_docs()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise UserError(f"{source} does not exist; pass a {FORMATS}")
+        texts = _load_path(path)
+    if not texts:
+        raise UserError(f"{source} holds no texts; add at least one")
+    kept = [t for t in texts if t.strip() and len(t) >= min_chars]
+    if not kept:
+        raise UserError(
+            f"all {len(texts)} texts in {source} are blank or shorter than min_chars={min_chars}; "
+            "lower min_chars or pass longer texts"
+        )
+    return kept
+
+
+def split_train_eval(texts: list[str], eval_size: int) -> tuple[list[str], list[str]]:
+    """The first `eval_size` texts are the eval set, the rest train (the seed's convention)."""
+    if eval_size < 0:
+        raise UserError(f"eval_size={eval_size} is negative; use 0 or more")
+    if eval_size >= len(texts):
+        raise UserError(
+            f"eval_size={eval_size} leaves no training texts ({len(texts)} texts in all); "
+            "lower eval_size or add texts"
+        )
+    return list(texts[eval_size:]), list(texts[:eval_size])
