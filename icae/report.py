@@ -1,0 +1,168 @@
+"""`icae report RUN_DIR... -o OUT`: one picture and one table for a set of pretraining runs.
+
+A run folder is anything with a `metrics.jsonl` (what `icae pretrain` always writes); a folder of
+run folders (what `icae ablate` writes) is expanded. Writes OUT.png (eval AE loss and training
+loss against step), OUT.md (a table, plus mean and spread over seeds) and OUT.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from icae.errors import UserError
+
+
+def read_metrics(run: Path) -> list[dict]:
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a killed run
+    return records
+
+
+def find_runs(paths: list[str]) -> list[Path]:
+    runs = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            runs.append(p)
+        elif p.is_dir():
+            runs += sorted(q for q in p.iterdir() if (q / "metrics.jsonl").is_file())
+        else:
+            raise UserError(f"{p} is neither a run folder (with metrics.jsonl) nor a folder of runs")
+    if not runs:
+        raise UserError(f"no run folders (with metrics.jsonl) under {', '.join(paths)}")
+    return runs
+
+
+def summarize(run: Path) -> dict:
+    """The numbers the table shows for one run."""
+    records = read_metrics(run)
+    config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
+    icae = config.get("icae", {})
+    evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    final = next((r for r in reversed(records) if "train_runtime" in r), {})
+    tokens = max((r.get("text_tokens", 0) for r in records), default=0)
+    runtime = final.get("train_runtime")
+    bleu = None
+    if (run / "eval_results.json").is_file():
+        bleu = json.loads((run / "eval_results.json").read_text()).get("bleu4")
+    return {
+        "run": run.name,
+        "path": str(run),
+        "layout": icae.get("position_layout"),
+        "lora_target_modules": icae.get("lora_target_modules") or "q,v (default)",
+        "decoder_mode": icae.get("decoder_mode"),
+        "seed": config.get("seed"),
+        "final_eval_ae_loss": evals[-1][1] if evals else None,
+        "first_eval_ae_loss": evals[0][1] if evals else None,
+        "eval_bleu4": bleu,
+        "text_tokens_per_second": round(tokens / runtime, 1) if runtime and tokens else None,
+        "trainable_params": config.get("trainable_params"),
+        "wall_time_s": round(runtime, 1) if runtime else None,
+        "steps": final.get("step") or (train[-1][0] if train else 0),
+        "eval_curve": evals,
+        "train_curve": train,
+    }
+
+
+def group_over_seeds(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["layout"], row["lora_target_modules"], row["decoder_mode"])
+        groups.setdefault(key, []).append(row)
+    out = []
+    for (layout, targets, decoder), members in groups.items():
+        losses = [m["final_eval_ae_loss"] for m in members if m["final_eval_ae_loss"] is not None]
+        out.append({
+            "layout": layout, "lora_target_modules": targets, "decoder_mode": decoder,
+            "seeds": [m["seed"] for m in members], "n": len(losses),
+            "mean_final_eval_ae_loss": statistics.fmean(losses) if losses else None,
+            "min": min(losses, default=None), "max": max(losses, default=None),
+        })
+    return out
+
+
+def fmt(value, digits=4):
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def markdown(rows: list[dict], groups: list[dict]) -> str:
+    lines = [
+        "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | eval BLEU-4 | text tokens/s "
+        "| trainable params | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['layout']} | {r['lora_target_modules']} | {r['decoder_mode']} | {fmt(r['seed'])} | "
+            f"{fmt(r['steps'])} | {fmt(r['final_eval_ae_loss'])} | {fmt(r['eval_bleu4'], 2)} | "
+            f"{fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | {fmt(r['wall_time_s'], 0)} |"
+        )
+    lines += ["", "Over seeds (final eval AE loss):", "",
+              "| layout | LoRA targets | decoder | seeds | mean | min | max |", "|---|---|---|---|---|---|---|"]
+    for g in groups:
+        lines.append(
+            f"| {g['layout']} | {g['lora_target_modules']} | {g['decoder_mode']} | {g['seeds']} | "
+            f"{fmt(g['mean_final_eval_ae_loss'])} | {fmt(g['min'])} | {fmt(g['max'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for r in rows:
+        style = "-" if r["layout"] == "epl" else "--"
+        if r["eval_curve"]:
+            steps, losses = zip(*r["eval_curve"])
+            ax_eval.plot(steps, losses, style, marker="o", markersize=3, label=r["run"])
+        if r["train_curve"]:
+            steps, losses = zip(*r["train_curve"])
+            ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8)
+    ax_eval.set(title="eval AE loss (lower is better)", xlabel="step", ylabel="loss")
+    ax_train.set(title="training loss (AE + LM)", xlabel="step", ylabel="loss")
+    for ax in (ax_eval, ax_train):
+        ax.grid(alpha=0.3)
+    ax_eval.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
+    rows = [summarize(run) for run in find_runs(run_dirs)]
+    groups = group_over_seeds(rows)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(rows, groups))
+    out.with_suffix(".json").write_text(json.dumps({"runs": rows, "over_seeds": groups}, indent=2) + "\n")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="icae report", description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="run folders, or folders of runs")
+    parser.add_argument("-o", "--output", default="report", help="output path without extension")
+    args = parser.parse_args(argv)
+    out = Path(args.output)
+    write_report(args.runs, out.with_suffix("") if out.suffix in (".png", ".md", ".json") else out)
+    print((out.with_suffix(".md")).read_text())
+    print(f"wrote {out.with_suffix('.png')}, {out.with_suffix('.md')}, {out.with_suffix('.json')}")
+    return 0
