@@ -21,7 +21,7 @@ DEMO_FLAGS = [
     "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
     "--learning_rate", "5e-4", "--warmup_steps", "10", "--max_grad_norm", "2.0",
     "--max_steps", "80", "--logging_steps", "5", "--eval_strategy", "steps", "--eval_steps", "20",
-    "--eval_on_start", "True", "--max_eval_samples", "48", "--save_steps", "40", "--save_total_limit", "1",
+    "--eval_on_start", "True", "--eval_size", "100", "--max_eval_samples", "48", "--save_steps", "40", "--save_total_limit", "1",
     "--lora_dropout", "0.05", "--seed", "42", "--report_to", "none", "--overwrite_output_dir",
 ]
 
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     print("== evaluating the trained checkpoint", flush=True)
     model = ICAE.from_pretrained(out)
-    _, eval_texts = load_splits(DataArguments(max_eval_samples=args.eval_texts), 1000)
+    _, eval_texts = load_splits(DataArguments(max_eval_samples=args.eval_texts), 100)
     results = evaluate(model, eval_texts, model_max_length=64, batch_size=8)
     (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
 

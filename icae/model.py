@@ -187,13 +187,14 @@ class ICAE(nn.Module):
 
     def decoder_hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
         """The decoder's backbone output under the decoder mode's adapter state."""
+        cache = {} if past_key_values is None else {"past_key_values": past_key_values}
         with self._adapter(self._decoder_state()):
             return self.backbone(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **cache,
             )
 
     def decoder_loss(self, inputs_embeds, decoder_attention_mask, decoder_position_ids, labels) -> ICAEOutput:

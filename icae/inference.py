@@ -1,0 +1,434 @@
+"""Use a trained ICAE: compress texts into memory slots, then reconstruct or continue them.
+
+`compress` returns one (n_segments * m, hidden) tensor of slots per text. Under the `epl`
+layouts the decoder's position ids also depend on the compressed text's token count L (the slots
+sit at the centres of their spans; an [LM]/[FT] token at L), which the slots alone do not tell,
+so `compress(..., return_lengths=True)` also returns the lengths and `reconstruct`/`generate`
+take them as `text_lengths`. The `default` layout needs only the slots. A slots file written by
+`icae compress` stores both.
+
+Decoding prefills `[slots, special token, prompt]` once and then feeds one token per step with
+a KV cache. Rows of a batch are right-padded, and every new token gets its row's own next
+position (last real position + 1) and a full attention mask, so a batch gives what each text
+would alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from icae.collate import encoder_rows, special_token_id
+from icae.errors import UserError
+from icae.positions import decoder_positions, segment_spans
+
+SLOTS_FORMAT = "icae-slots-v1"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids without BOS/EOS: the text itself, as training examples are built."""
+    if tokenizer is None:
+        raise UserError("this model has no tokenizer: pass token id lists instead of strings")
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def eos_token_id(model) -> int:
+    """The id that ends a reconstruction (the AE target's last token) or a generation."""
+    eos = getattr(model.tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = model.base.config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    if eos is None:
+        raise UserError("neither the tokenizer nor the base model defines an EOS token; use a tokenizer that does")
+    return int(eos)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """No dropout and no autograd for the duration, restoring the caller's train/eval state."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def _batches(items: list, size: int):
+    if size < 1:
+        raise UserError(f"batch_size must be at least 1 (got {size})")
+    for start in range(0, len(items), size):
+        yield start, items[start : start + size]
+
+
+# ----------------------------------------------------------------------------- compress
+
+
+def compress(model, texts, batch_size: int = 8, return_lengths: bool = False):
+    """Memory slots of each text: a list of (n_segments * m, hidden) tensors on the model's device.
+
+    `texts` are strings or token id lists (one string is taken as a list of one). Texts longer than
+    m * rate tokens are split into segments (multi-span). With `return_lengths=True`, returns
+    `(slots, text_lengths)`: the token counts that `reconstruct`/`generate` need under `epl`.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    ids = [list(t) for t in texts] if texts and not isinstance(texts[0], str) else token_ids(model.tokenizer, texts)
+    for i, row in enumerate(ids):
+        if not row:
+            raise UserError(f"text {i} is empty (no tokens): there is nothing to compress")
+    c = model.config
+    slots: list[torch.Tensor] = []
+    with eval_mode(model):
+        for _, chunk in _batches(ids, batch_size):
+            try:
+                batch = encoder_rows(chunk, c.position_layout, c.fixed_mem_size, c.mean_compression_rate, c.vocab_size)
+            except ValueError as err:
+                raise UserError(f"cannot compress these token ids: {err}") from None
+            num_segments = batch.pop("num_segments").tolist()
+            out = model.encode(**{k: v.to(model.device) for k, v in batch.items()})
+            slots += [s.flatten(0, 1) for s in out.split(num_segments)]
+    lengths = [len(row) for row in ids]
+    return (slots, lengths) if return_lengths else slots
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _resolve_lengths(model, memory: list[torch.Tensor], text_lengths) -> list[int]:
+    """Each text's token count, checked against its number of slots."""
+    c = model.config
+    m, r = c.fixed_mem_size, c.mean_compression_rate
+    for i, slots in enumerate(memory):
+        if slots.dim() != 2 or slots.shape[0] % m or slots.shape[0] == 0 or slots.shape[1] != c.hidden_size:
+            raise UserError(
+                f"memory {i} has shape {tuple(slots.shape)}; this model's slots are (n_segments * {m}, "
+                f"{c.hidden_size}): compress with the same checkpoint"
+            )
+    if text_lengths is None:
+        if c.position_layout != "default":
+            raise UserError(
+                f"the {c.position_layout} layout needs each compressed text's token count: pass text_lengths "
+                "(from compress(..., return_lengths=True) or a slots file from `icae compress`)"
+            )
+        return [s.shape[0] // m * m * r for s in memory]  # any length with this many segments will do
+    lengths = [int(n) for n in text_lengths]
+    if len(lengths) != len(memory):
+        raise UserError(f"{len(memory)} memories but {len(lengths)} text_lengths; pass one length per memory")
+    for i, (slots, n) in enumerate(zip(memory, lengths)):
+        expected = len(segment_spans(n, m, r)) * m if n > 0 else 0
+        if expected != slots.shape[0]:
+            raise UserError(
+                f"memory {i} has {slots.shape[0]} slots but a text of {n} tokens compresses to {expected}: "
+                "text_lengths do not belong to these slots"
+            )
+    return lengths
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+    """Next token per row: argmax, or a sample after temperature, top-k and top-p filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # the most likely token always stays
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use_cache) -> list[list[int]]:
+    """Greedy/sampled tokens after each prefix (embeds, positions); EOS and what follows dropped."""
+    from transformers import DynamicCache
+
+    batch, width = len(prefixes), max(len(p) for _, p in prefixes)
+    embeds = prefixes[0][0].new_zeros(batch, width, prefixes[0][0].shape[-1])
+    mask = torch.zeros(batch, width, dtype=torch.long, device=model.device)
+    positions = torch.zeros(batch, width, dtype=torch.long, device=model.device)
+    for i, (row, pos) in enumerate(prefixes):
+        embeds[i, : len(pos)] = row
+        mask[i, : len(pos)] = 1
+        positions[i, : len(pos)] = torch.tensor(pos)
+    last = torch.tensor([len(p) - 1 for _, p in prefixes], device=model.device)
+    next_position = torch.tensor([p[-1] + 1 for _, p in prefixes], device=model.device)
+    head = model.base.get_output_embeddings()
+    cache = DynamicCache(config=model.base.config) if use_cache else None
+    inputs, input_positions = embeds, positions
+    tokens = torch.empty(batch, 0, dtype=torch.long, device=model.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=model.device)
+    for step in range(max_new_tokens):
+        hidden = model.decoder_hidden(inputs, mask, input_positions, past_key_values=cache, use_cache=use_cache)
+        hidden = hidden.last_hidden_state
+        hidden = hidden[torch.arange(batch, device=model.device), last] if step == 0 else hidden[:, -1]
+        token = _pick(head(hidden).float(), generator=generator, **sampling)
+        token = token.masked_fill(done, eos)
+        tokens = torch.cat([tokens, token[:, None]], 1)
+        done |= token == eos
+        if done.all():
+            break
+        new_embeds, new_positions = model.embed(token[:, None]), (next_position + step)[:, None]
+        mask = torch.cat([mask, mask.new_ones(batch, 1)], 1)
+        if use_cache:
+            inputs, input_positions = new_embeds, new_positions
+        else:  # recompute everything: the reference the cached path must match
+            inputs = torch.cat([inputs, new_embeds], 1)
+            input_positions = torch.cat([input_positions, new_positions], 1)
+    out = []
+    for row in tokens.tolist():
+        out.append(row[: row.index(eos)] if eos in row else row)
+    return out
+
+
+def generate_ids(
+    model,
+    memory: list[torch.Tensor],
+    text_lengths=None,
+    task: str = "lm",
+    prompt_ids: list[list[int]] | None = None,
+    max_new_tokens: int | list[int] = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    batch_size: int = 8,
+) -> list[list[int]]:
+    """Token ids the decoder produces after `[slots, [AE]|[LM]|[FT], prompt]`, without the EOS.
+
+    `max_new_tokens` may be one number per memory. The loop over `batch_size` memories at a time
+    is what `reconstruct` and `generate` share.
+    """
+    if task not in ("ae", "lm", "ft"):
+        raise ValueError(f"unknown task {task!r}")
+    if do_sample and temperature <= 0:
+        raise UserError(f"temperature must be positive when sampling (got {temperature}); use greedy decoding instead")
+    if not 0.0 < top_p <= 1.0 or top_k < 0:
+        raise UserError(f"top_p must be in (0, 1] and top_k at least 0 (got {top_p}, {top_k})")
+    memory = list(memory)
+    lengths = _resolve_lengths(model, memory, text_lengths)
+    limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(memory)
+    if len(limits) != len(memory) or any(n < 0 for n in limits):
+        raise UserError("max_new_tokens must be a non-negative number (or one per memory)")
+    prompt_ids = prompt_ids or [[] for _ in memory]
+    if len(prompt_ids) != len(memory):
+        raise UserError(f"{len(prompt_ids)} prompts for {len(memory)} memories; pass one prompt per memory")
+    c = model.config
+    m, r = c.fixed_mem_size, c.mean_compression_rate
+    special = special_token_id(task, c.vocab_size, m)
+    sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    eos = eos_token_id(model)
+    out: list[list[int]] = []
+    with eval_mode(model):
+        for start, chunk in _batches(memory, batch_size):
+            prefixes = []
+            for i, slots in enumerate(chunk, start):
+                ids = torch.tensor([special] + list(prompt_ids[i]), device=model.device)
+                embeds = model.embed(ids)
+                row = torch.cat([slots.to(model.device, embeds.dtype), embeds])
+                positions = decoder_positions(c.position_layout, lengths[i], m, r, task, len(prompt_ids[i]))
+                prefixes.append((row, positions))
+            chunk_limits = limits[start : start + len(chunk)]
+            steps = max(chunk_limits)
+            tokens = _decode_batch(model, prefixes, steps, eos, sampling, generator, use_cache) if steps else []
+            out += [row[:limit] for row, limit in zip(tokens or [[]] * len(chunk), chunk_limits)]
+    return out
+
+
+def _decode(model, ids: list[list[int]]) -> list[str]:
+    if model.tokenizer is None:
+        raise UserError("this model has no tokenizer to turn tokens into text; use generate_ids")
+    return model.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def reconstruct(
+    model, memory: list[torch.Tensor], text_lengths=None, max_new_tokens: int | None = None, **gen
+) -> list[str]:
+    """The texts back from their slots (the [AE] task), stopping at EOS.
+
+    By default at most each text's own length + 1 tokens are generated when `text_lengths` are
+    known, else as many as the slots can hold (n_segments * m * rate) + 1.
+    """
+    if max_new_tokens is None:
+        if text_lengths is not None:
+            max_new_tokens = [int(n) + 1 for n in text_lengths]
+        else:
+            c = model.config
+            max_new_tokens = [s.shape[0] * c.mean_compression_rate + 1 for s in memory]
+    return _decode(model, generate_ids(model, memory, text_lengths, "ae", max_new_tokens=max_new_tokens, **gen))
+
+
+def generate(
+    model,
+    memory: list[torch.Tensor],
+    prompt: str | list[str] | None = None,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    use_cache: bool = True,
+    text_lengths=None,
+    batch_size: int = 8,
+) -> list[str]:
+    """A continuation of each compressed text ([LM]), or an answer to `prompt` about it ([FT]).
+
+    One prompt string is used for every memory; a list gives one per memory.
+    """
+    memory = list(memory)
+    prompt_ids = None
+    if prompt is not None:
+        prompts = [prompt] * len(memory) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(memory):
+            raise UserError(f"{len(prompts)} prompts for {len(memory)} memories; pass one prompt or one per memory")
+        prompt_ids = token_ids(model.tokenizer, prompts)
+    ids = generate_ids(
+        model, memory, text_lengths, "ft" if prompt is not None else "lm", prompt_ids, max_new_tokens,
+        do_sample, temperature, top_p, top_k, seed, use_cache, batch_size,
+    )
+    return _decode(model, ids)
+
+
+# ----------------------------------------------------------------------------- slots files
+
+
+def save_memory(path: str | Path, memory: list[torch.Tensor], text_lengths: list[int], config) -> None:
+    """One safetensors file: `slots.<i>` per text, `text_lengths`, and the ICAE config as metadata."""
+    from safetensors.torch import save_file
+
+    tensors = {f"slots.{i}": s.detach().cpu().contiguous() for i, s in enumerate(memory)}
+    tensors["text_lengths"] = torch.tensor(list(text_lengths), dtype=torch.long)
+    metadata = {"format": SLOTS_FORMAT, "icae_config": json.dumps(config.to_dict())}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_memory(path: str | Path) -> tuple[list[torch.Tensor], list[int], dict]:
+    """(slots per text, text lengths, the config dict of the model that made them)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist; make it with `icae compress ... -o {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != SLOTS_FORMAT:
+                raise UserError(f"{path} is not a slots file written by `icae compress`")
+            lengths = f.get_tensor("text_lengths").tolist()
+            memory = [f.get_tensor(f"slots.{i}") for i in range(len(lengths))]
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise UserError(f"cannot read {path} ({err}); make it again with `icae compress`") from None
+    return memory, lengths, json.loads(metadata["icae_config"])
+
+
+def check_memory_config(saved: dict, config, path) -> None:
+    """Slots only mean something to the model that made them: refuse other sizes or layouts."""
+    keys = ("fixed_mem_size", "mean_compression_rate", "position_layout", "hidden_size")
+    wrong = [k for k in keys if saved.get(k) != getattr(config, k)]
+    if wrong:
+        detail = ", ".join(f"{k} {saved.get(k)} vs {getattr(config, k)}" for k in wrong)
+        raise UserError(f"{path} was compressed by another model ({detail}); use the checkpoint it was made with")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto"):
+    """An ICAE from a checkpoint folder, on the GPU when there is one, in eval mode."""
+    from icae.model import ICAE
+
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain`")
+    model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    descriptions = {
+        "compress": "Compress texts into memory slots, saved as one safetensors file.",
+        "reconstruct": "Print the texts reconstructed from a slots file (the [AE] task).",
+        "generate": "Print a continuation ([LM]) of each compressed text, or an answer to --prompt ([FT]).",
+    }
+    p = argparse.ArgumentParser(prog=f"icae {command}", description=descriptions[command])
+    p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder (icae_config.json + weights)")
+    p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch_size", type=int, default=8)
+    if command == "compress":
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--text", help="one text to compress")
+        source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file or builtin:python-docs")
+        p.add_argument("-o", "--output", required=True, help="slots file to write (.safetensors)")
+        return p
+    p.add_argument("slots", help="slots file written by `icae compress`")
+    p.add_argument("--max_new_tokens", type=int, default=None if command == "reconstruct" else 64)
+    p.add_argument("--json", action="store_true", help="print a JSON list of strings instead of plain text")
+    if command == "generate":
+        p.add_argument("--prompt", default=None, help="a question or instruction about the text ([FT] task)")
+        p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top_p", type=float, default=1.0)
+        p.add_argument("--top_k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _print_texts(texts: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(texts, ensure_ascii=False))
+        return
+    for text in texts:
+        print(text)
+
+
+def main(argv: list[str], command: str = "compress") -> int:
+    if command not in ("compress", "reconstruct", "generate"):
+        raise ValueError(f"unknown command {command!r}")
+    args = _parser(command).parse_args(argv)
+    if command == "compress":
+        if args.text is not None:
+            texts = [args.text]
+        else:
+            from icae.texts import load_texts
+
+            texts = load_texts(args.file)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        slots, lengths = compress(model, texts, batch_size=args.batch_size, return_lengths=True)
+        save_memory(args.output, slots, lengths, model.config)
+        n_slots = sum(s.shape[0] for s in slots)
+        print(f"compressed {len(texts)} texts ({sum(lengths)} tokens) into {n_slots} slots: {args.output}")
+        return 0
+    memory, lengths, saved = load_memory(args.slots)
+    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    check_memory_config(saved, model.config, args.slots)
+    if command == "reconstruct":
+        texts = reconstruct(model, memory, lengths, args.max_new_tokens, batch_size=args.batch_size)
+    else:
+        texts = generate(
+            model, memory, prompt=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            text_lengths=lengths, batch_size=args.batch_size,
+        )
+    _print_texts(texts, args.json)
+    return 0
