@@ -1,0 +1,112 @@
+"""`icae prepare`: the seed's data files, from a streamed Hugging Face dataset or local files.
+
+1. `long_text.json`: a JSON list of documents of at least `--min_chars` characters (the seed's
+   helper streams `DKYoon/SlimPajama-6B`, split `train`, column `text`).
+2. `eval_data.json` (the first `--eval_size` texts) and `train_data.json` (the rest), each text
+   cut to its first `--max_chars` characters, as lists of `{"text": ...}`; plus
+   `mini_train_data.json` (last 256,000) and `tiny_train_data.json` (last 25,600) when there
+   are that many. A file that exists already is not rebuilt (delete it, or pass `--force`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from icae.errors import UserError
+
+MINI, TINY = 256_000, 25_600
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, ensure_ascii=False))
+    tmp.replace(path)  # atomic: a killed run never leaves half a file that a re-run would skip
+
+
+def is_local(source: str) -> bool:
+    return source.startswith("builtin:") or Path(source).exists()
+
+
+def stream_hub_texts(name: str, split: str, column: str, min_chars: int, max_docs: int | None) -> list[str]:
+    from datasets import load_dataset
+    from tqdm.auto import tqdm
+
+    try:
+        stream = load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # offline, unknown dataset, ...: one line, not a traceback
+        raise UserError(f"cannot stream dataset {name!r} (split {split!r}): {err}".splitlines()[0]) from None
+    kept = []
+    with tqdm(desc=f"streaming {name}", unit=" docs", total=max_docs) as bar:
+        for seen, row in enumerate(stream, 1):
+            text = row.get(column)
+            if text is None:
+                raise UserError(f"dataset {name!r} has no column {column!r}; pass --column with one of {list(row)}")
+            if len(text) >= min_chars:
+                kept.append(text)
+                bar.update(1)
+                bar.set_postfix(seen=seen)
+                if max_docs and len(kept) >= max_docs:
+                    break
+    return kept
+
+
+def prepare(source: str, output_dir: str | Path, split: str = "train", column: str = "text", min_chars: int = 4096,
+            max_docs: int | None = None, eval_size: int = 1000, max_chars: int = 4096, force: bool = False) -> dict:
+    from icae.texts import load_texts
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    long_path = out / "long_text.json"
+    if long_path.is_file() and not force:
+        texts = json.loads(long_path.read_text())
+        print(f"{long_path} exists ({len(texts):,} texts): not rebuilt")
+    else:
+        if is_local(source):
+            texts = load_texts(source, min_chars=min_chars)[: max_docs or None]
+        else:
+            texts = stream_hub_texts(source, split, column, min_chars, max_docs)
+        if not texts:
+            raise UserError(f"no document of {source} has at least {min_chars} characters; lower --min_chars")
+        _write_json(long_path, texts)
+    if len(texts) <= eval_size:
+        raise UserError(f"{len(texts)} texts leave none for training after --eval_size {eval_size}; lower it")
+    cut = [{"text": t[:max_chars]} for t in texts]
+    files = {"eval_data.json": cut[:eval_size], "train_data.json": cut[eval_size:]}
+    if len(files["train_data.json"]) >= MINI:
+        files["mini_train_data.json"] = files["train_data.json"][-MINI:]
+    if len(files["train_data.json"]) >= TINY:
+        files["tiny_train_data.json"] = files["train_data.json"][-TINY:]
+    counts = {}
+    for name, rows in files.items():
+        path = out / name
+        if path.is_file() and not force and path.stat().st_mtime >= long_path.stat().st_mtime:
+            print(f"{path} exists: not rebuilt")
+        else:
+            _write_json(path, rows)
+        counts[name] = len(rows)
+    return counts
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="icae prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="DKYoon/SlimPajama-6B",
+                        help="a hub dataset (streamed), builtin:python-docs, or a .json/.jsonl/.parquet/.txt file or folder")
+    parser.add_argument("--output_dir", default="data")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--column", default="text")
+    parser.add_argument("--min_chars", type=int, default=4096, help="keep documents at least this long")
+    parser.add_argument("--max_docs", type=int, default=None, help="stop after this many kept documents")
+    parser.add_argument("--eval_size", type=int, default=1000)
+    parser.add_argument("--max_chars", type=int, default=4096, help="cut each text to this many characters")
+    parser.add_argument("--force", action="store_true", help="rebuild files that exist")
+    args = parser.parse_args(argv)
+    if args.eval_size < 0 or args.max_chars < 1 or args.min_chars < 0:
+        raise UserError("--eval_size and --min_chars must not be negative, --max_chars must be positive")
+    counts = prepare(args.source, args.output_dir, args.split, args.column, args.min_chars, args.max_docs,
+                     args.eval_size, args.max_chars, args.force)
+    for name, n in counts.items():
+        print(f"{Path(args.output_dir) / name}: {n:,} texts")
+    return 0
