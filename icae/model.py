@@ -156,6 +156,20 @@ class ICAE(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.base.gradient_checkpointing_disable()
 
+    def _attention_kwargs(self, attention_mask: torch.Tensor) -> dict:
+        """Extra kwargs so flash-attention never reads our position ids as packed sequences.
+
+        transformers drops an all-ones mask under flash_attention_2, and then a single row whose
+        position ids are not 0..T-1 (every epl row) is split into "packed" pieces. Giving the
+        sequence boundaries explicitly takes its varlen path with one whole sequence instead.
+        """
+        impl = getattr(self.base.config, "_attn_implementation", None) or ""
+        if not impl.startswith("flash") or attention_mask.shape[0] != 1 or not bool(attention_mask.all()):
+            return {}
+        length = attention_mask.shape[1]
+        bounds = torch.tensor([0, length], dtype=torch.int32, device=attention_mask.device)
+        return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": length, "max_length_k": length}
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of ids < vocab_size from the base table, of the rest from the memory table."""
         vocab = self.config.vocab_size
@@ -174,6 +188,7 @@ class ICAE(nn.Module):
                 attention_mask=encoder_attention_mask,
                 position_ids=encoder_position_ids,
                 use_cache=False,
+                **self._attention_kwargs(encoder_attention_mask),
             ).last_hidden_state
         is_memory = encoder_input_ids >= self.config.vocab_size
         return hidden[is_memory].view(encoder_input_ids.shape[0], self.config.fixed_mem_size, -1)
@@ -187,14 +202,16 @@ class ICAE(nn.Module):
 
     def decoder_hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
         """The decoder's backbone output under the decoder mode's adapter state."""
-        cache = {} if past_key_values is None else {"past_key_values": past_key_values}
+        extra = {} if past_key_values is None else {"past_key_values": past_key_values}
+        if past_key_values is None or past_key_values.get_seq_length() == 0:  # a whole sequence, not a decode step
+            extra.update(self._attention_kwargs(attention_mask))
         with self._adapter(self._decoder_state()):
             return self.backbone(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=use_cache,
-                **cache,
+                **extra,
             )
 
     def decoder_loss(self, inputs_embeds, decoder_attention_mask, decoder_position_ids, labels) -> ICAEOutput:

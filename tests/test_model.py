@@ -204,3 +204,19 @@ def test_bf16_runs():
         loss32 = make_model("epl", "frozen")(**batch).loss
         loss16 = model(**batch).loss
     assert torch.isfinite(loss16) and abs(loss16.item() - loss32.item()) < 0.1
+
+
+def test_flash_attention_gets_whole_sequence_boundaries():
+    """Under flash_attention_2 transformers would read one epl row's positions as packed sequences."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    model = make_model("epl")
+    batch = collate(mixed_examples()[:1], "epl", M, R, V)
+    assert _is_packed_sequence(batch["decoder_position_ids"], 1), "the hazard this guards against"
+    assert model._attention_kwargs(batch["decoder_attention_mask"]) == {}  # sdpa: nothing to do
+    model.base.config._attn_implementation = "flash_attention_2"
+    kwargs = model._attention_kwargs(batch["decoder_attention_mask"])
+    length = batch["decoder_attention_mask"].shape[1]
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, length] and kwargs["max_length_k"] == length
+    two_rows = collate(mixed_examples()[:2], "epl", M, R, V)["decoder_attention_mask"]
+    assert model._attention_kwargs(two_rows) == {}  # padded batches take the mask (unpad) path
