@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="seed")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seeds", default="42", help="comma list of seeds, e.g. 1,2")
+    parser.add_argument("--only", default="", help="comma list of run names to run (default: the whole grid)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args, passthrough = parser.parse_known_args(argv)
     from icae.errors import UserError
@@ -73,6 +74,12 @@ def main(argv: list[str]) -> int:
     root = Path(args.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     runs = grid_runs(args.grid, seeds)
+    if args.only:
+        wanted = {n.strip() for n in args.only.split(",") if n.strip()}
+        unknown = wanted - {name for name, _ in runs}
+        if unknown:
+            raise UserError(f"--only names {', '.join(sorted(unknown))}, not in this grid: {[n for n, _ in runs]}")
+        runs = [(name, point) for name, point in runs if name in wanted]
     status = {}
     for i, (name, point) in enumerate(runs, 1):
         out = root / name
