@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -109,18 +110,30 @@ def _gguf_cache(gguf_path: Path, label: str) -> Path:
     return target
 
 
-def resolve_model(name_or_path: str) -> str:
-    """Something `from_pretrained` loads as is: a local HF folder or a hub id."""
+def resolve_model(name_or_path: str, convert: bool = True) -> str:
+    """Something `from_pretrained` loads as is: a local HF folder or a hub id.
+
+    `convert=False` only checks what can be checked cheaply (paths, headers, config.json, the
+    weight files' headers) and converts no GGUF file: for failing fast before expensive work.
+    """
     if name_or_path == DEFAULT_MODEL:
-        return str(_gguf_cache(find_smollm2_gguf(), DEFAULT_MODEL))
+        gguf = find_smollm2_gguf()
+        if not convert:
+            _check_gguf(gguf)
+            return name_or_path
+        return str(_gguf_cache(gguf, DEFAULT_MODEL))
     path = Path(name_or_path).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise UserError(f"{name_or_path} does not exist; check the path to the .gguf file")
+        if not convert:
+            _check_gguf(path)
+            return name_or_path
         return str(_gguf_cache(path.resolve(), path.stem))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{name_or_path} has no config.json, so it is not a HF model folder; {_CHOICES}")
+        _check_model_folder(path)
         return str(path)
     if path.exists():
         raise UserError(f"{name_or_path} is neither a .gguf file nor a model folder; {_CHOICES}")
@@ -129,11 +142,89 @@ def resolve_model(name_or_path: str) -> str:
     raise UserError(f"model {name_or_path!r} not found; {_CHOICES}")
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why `path` is not a whole safetensors file (unreadable, bad header, truncated), or None.
+
+    Reads only the header, so it is cheap even for large files.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                return "it is truncated (no header)"
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > size - 8:
+                return "it is truncated (header cut off)"
+            header = json.loads(f.read(header_len))
+    except OSError as err:
+        return f"it cannot be read ({err.strerror})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return "its header is malformed"
+    if size < 8 + header_len + end:
+        return f"it is truncated ({size} bytes, the header needs {8 + header_len + end})"
+    return None
+
+
+_WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
+
+
+def _check_model_folder(path: Path) -> None:
+    """A local HF folder: a parseable config.json, some weights, and whole safetensors files."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(
+            f"{path}/config.json cannot be read as JSON ({err}); re-download or re-save the model"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(f"{path}/config.json has no model_type, so it is not a HF model config; re-save the model")
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        raise UserError(
+            f"{path} has no model weights ({' or '.join(_WEIGHT_FILES[::2])}); re-download or re-save the model"
+        )
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise UserError(f"{file} is not a valid weights file: {problem}; re-download or re-save the model")
+
+
+def _load_error(what: str, name_or_path: str, err: Exception) -> UserError:
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return UserError(
+        f"cannot load the {what} of {name_or_path} ({type(err).__name__}: {first}); "
+        "check that it is a complete HF causal-LM folder, or pass another --model_name_or_path"
+    )
+
+
+def load_model_config(name_or_path: str):
+    """The base model's HF config (converting a GGUF file once if need be), as a clear error if unloadable."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(resolved)
+    except Exception as err:  # noqa: BLE001 - transformers fails on bad files in many ways
+        raise _load_error("config", name_or_path, err) from err
+
+
 def load_tokenizer(name_or_path: str):
     """The model's tokenizer, with a pad token (the eos token if it has none; no new vocabulary)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    resolved = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except Exception as err:  # noqa: BLE001 - transformers fails on bad files in many ways
+        raise _load_error("tokenizer", name_or_path, err) from err
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer of {name_or_path} has neither a pad nor an eos token; use another model")
@@ -146,4 +237,10 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_
     from transformers import AutoModelForCausalLM
 
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    return AutoModelForCausalLM.from_pretrained(resolve_model(name_or_path), dtype=dtype, **kwargs)
+    resolved = resolve_model(name_or_path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **kwargs)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - transformers fails on bad files in many ways
+        raise _load_error("weights", name_or_path, err) from err

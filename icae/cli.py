@@ -8,8 +8,24 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 from icae.errors import UserError
+
+_PACKAGE = Path(__file__).resolve().parent
+_default_formatwarning = warnings.formatwarning
+
+
+def _formatwarning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (bad UTF-8 replaced, texts skipped) as one `warning: ...` line, like errors."""
+    try:
+        ours = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except (OSError, ValueError):
+        ours = False
+    if ours and issubclass(category, UserWarning):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
 
 COMMANDS = {
     "pretrain": ("icae.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
@@ -23,6 +39,16 @@ COMMANDS = {
     "report": ("icae.report", "plot and tabulate finished runs"),
     "demo": ("icae.demo", "short pretraining + evaluation on the embedded model and corpus"),
 }
+
+
+def _close_progress_bars() -> None:
+    """End any progress bar a failing step left open, so that the error starts its own line."""
+    std = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(std, "tqdm", None), "_instances", None) or []):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
 
 
 def usage() -> str:
@@ -44,13 +70,30 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
-    module = importlib.import_module(COMMANDS[command][0])
+    previous = warnings.formatwarning
+    if not debug:
+        warnings.formatwarning = _formatwarning
+    try:
+        _run(command, rest, debug)
+    finally:
+        warnings.formatwarning = previous  # for callers that run main() in-process
+
+
+def _run(command: str, rest: list[str], debug: bool) -> None:
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+    except ModuleNotFoundError as err:
+        if err.name != COMMANDS[command][0]:
+            raise
+        print(f"error: `icae {command}` is not available in this version of icae", file=sys.stderr)
+        sys.exit(2)
     try:
         entry = getattr(module, "main")
         code = entry(rest, command=command) if command in ("compress", "reconstruct", "generate") else entry(rest)
     except UserError as err:
         if debug:
             raise
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -71,7 +71,10 @@ class ICAEConfig:
         """The config and the whole JSON (which also records LoRA config and special tokens)."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise UserError(f"{directory} is not an ICAE checkpoint: {CONFIG_NAME} is missing")
+            raise UserError(
+                f"{directory} is not an ICAE checkpoint: {CONFIG_NAME} is missing; pass the output folder of "
+                "`icae pretrain` or one of its checkpoint-N folders"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:

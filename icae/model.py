@@ -253,7 +253,9 @@ class ICAE(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.trainable_state_dict(), str(directory / WEIGHTS_NAME))
+        tmp = directory / f".{WEIGHTS_NAME}.tmp"
+        save_file(self.trainable_state_dict(), str(tmp))
+        tmp.replace(directory / WEIGHTS_NAME)  # a kill mid-save never leaves a torn weights file
         lora = self.lora_config.to_dict()
         lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
         lora["target_modules"] = self.lora_target_names()

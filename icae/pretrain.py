@@ -4,7 +4,9 @@ Accepts the seed's command lines verbatim (`icae pretrain` in place of `pretrain
 flags, and every `TrainingArguments` flag. Runs on a CPU, one GPU, or many under
 `accelerate launch` / `torchrun` (also as `python -m icae.pretrain`).
 
-Read top to bottom: arguments -> data -> model -> Trainer -> final save and eval.
+Read top to bottom: arguments -> data -> model -> Trainer -> final save and eval. Everything a
+user can get wrong (flags, data files, the model, the checkpoint to resume) is checked before the
+first expensive step (tokenizing, loading weights) and reported as one `UserError` line.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -101,17 +104,38 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
     parser = HfArgumentParser((ModelArguments, DataArguments, PretrainArguments))
     parser.prog = "icae pretrain"
     try:
-        model_args, data_args, train_args = parser.parse_args_into_dataclasses(argv)
+        model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
+            argv, return_remaining_strings=True
+        )
     except ValueError as err:  # TrainingArguments' own checks
         raise UserError(str(err).splitlines()[0]) from None
+    if rest:
+        flags = [r for r in rest if r.startswith("-")]
+        raise UserError(
+            (f"unknown flag {', '.join(flags)}" if flags else f"unexpected argument {' '.join(rest)}")
+            + "; see `icae pretrain --help` for the flags"
+        )
     return model_args, data_args, train_args
 
 
+def check_data_args(data_args: DataArguments) -> None:
+    for name in ("eval_size", "max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value < 0:
+            raise UserError(f"--{name} must not be negative (got {value})")
+
+
 def resolve_output_dir(args: PretrainArguments) -> Path | None:
-    """The checkpoint to resume from, after refusing to clobber an unrelated non-empty folder."""
-    from icae.trainer import last_complete_checkpoint
+    """The checkpoint to resume from, after refusing to clobber an unrelated non-empty folder.
+
+    Only complete checkpoints count (marker present, weights file whole): a folder half-written
+    when a process died is never taken as the latest.
+    """
+    from icae.trainer import is_complete_checkpoint, last_complete_checkpoint
 
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
     if args.resume_from_checkpoint not in (None, "", "False", "false"):
         if args.resume_from_checkpoint in ("True", "true", "last"):
             last = last_complete_checkpoint(out)
@@ -119,8 +143,14 @@ def resolve_output_dir(args: PretrainArguments) -> Path | None:
                 raise UserError(f"--resume_from_checkpoint: no complete checkpoint in {out}")
             return last
         path = Path(args.resume_from_checkpoint)
-        if not (path / "COMPLETE").is_file():
-            raise UserError(f"--resume_from_checkpoint {path} is not a complete checkpoint folder")
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {path} does not exist; pass a checkpoint-N folder or 'last'")
+        if not is_complete_checkpoint(path):
+            last = last_complete_checkpoint(path.parent)
+            raise UserError(
+                f"--resume_from_checkpoint {path} is not a complete checkpoint folder (its save was cut short); "
+                f"resume from {last or 'another checkpoint'} instead"
+            )
         return path
     if args.overwrite_output_dir or not out.is_dir() or not any(out.iterdir()):
         return None
@@ -152,6 +182,99 @@ def load_splits(data_args: DataArguments, seed_eval_size: int) -> tuple[list[str
     return train, evaluation
 
 
+# ----------------------------------------------------------------------------- model and checkpoint checks
+
+
+def check_model(config: ICAEConfig):
+    """The ICAE this run would build, on the meta device: the base model's config is read (a GGUF
+    file is converted once) but no weights are loaded. Unknown LoRA targets fail here."""
+    import torch
+
+    from icae.base_model import load_model_config
+    from icae.model import ICAE
+
+    base_config = load_model_config(config.model_name_or_path)
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            base = AutoModelForCausalLM.from_config(base_config)
+        except Exception as err:  # noqa: BLE001 - an unsupported architecture fails in many ways
+            raise UserError(
+                f"cannot build a causal LM from {config.model_name_or_path} ({type(err).__name__}: {err}); "
+                "pass a causal LM (Llama, Mistral, Qwen2, ...)"
+            ) from None
+        return ICAE(dataclasses.replace(config), base_model=base)
+
+
+_STRUCTURAL = ("fixed_mem_size", "lora_r", "decoder_mode")
+
+
+def check_checkpoint_fits(checkpoint: Path, model, flag: str, fix: str) -> None:
+    """Refuse, before any weights are loaded, a checkpoint whose tensors do not fit `model` (the
+    meta-device ICAE of this run): another base model, or other LoRA targets, rank, mode or m."""
+    from safetensors import safe_open
+
+    from icae.base_model import safetensors_problem
+    from icae.model import WEIGHTS_NAME
+
+    if not checkpoint.is_dir():
+        raise UserError(
+            f"{flag} {checkpoint} does not exist; pass the output folder of `icae pretrain` or a checkpoint"
+        )
+    saved, data = ICAEConfig.load(checkpoint)
+    path = checkpoint / WEIGHTS_NAME
+    problem = safetensors_problem(path)
+    if problem:
+        raise UserError(f"{flag} {checkpoint}: {path.name} is not a valid weights file: {problem}")
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    config = model.config
+    layers = lambda names: len({m for n in names for m in re.findall(r"\.layers\.(\d+)\.", n)})  # noqa: E731
+    sizes_saved = (saved.hidden_size, saved.vocab_size)
+    sizes_own = (config.hidden_size, config.vocab_size)
+    if (None not in sizes_saved and sizes_saved != sizes_own) or layers(shapes) != layers(own):
+        raise UserError(
+            f"{flag} {checkpoint} was trained on another base model ({saved.model_name_or_path}: hidden size "
+            f"{sizes_saved[0]}, vocabulary {sizes_saved[1]}, {layers(shapes)} LoRA layers) than "
+            f"{config.model_name_or_path} (hidden size {sizes_own[0]}, vocabulary {sizes_own[1]}, "
+            f"{layers(own)} LoRA layers): pass --model_name_or_path {saved.model_name_or_path}, {fix}"
+        )
+    if shapes == own:
+        return
+    diffs = [f"--{k} {getattr(saved, k)} (this run: {getattr(config, k)})" for k in _STRUCTURAL
+             if getattr(saved, k) != getattr(config, k)]
+    saved_targets = sorted((data.get("lora_config") or {}).get("target_modules") or [])
+    if saved_targets and saved_targets != model.lora_target_names():
+        diffs.append(f"LoRA on {','.join(saved_targets)} (this run: {','.join(model.lora_target_names())})")
+    if not diffs:
+        missing, extra = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+        diffs = [f"other tensors ({len(missing)} missing, {len(extra)} unexpected, "
+                 f"{sum(shapes[k] != own[k] for k in set(own) & set(shapes))} of another shape)"]
+    raise UserError(
+        f"{flag} {checkpoint} does not fit this run: it was trained with {'; '.join(diffs)}: pass the flags it was "
+        f"trained with, {fix}"
+    )
+
+
+def tidy_checkpoints(out: Path, resume: Path | None) -> None:
+    """Before a resumed run: drop incomplete checkpoint folders (saves cut short) and, when resuming
+    from an older checkpoint of this output_dir, the newer ones whose steps this run redoes. Else a
+    stale folder could be taken as the latest, or `--save_total_limit` could keep it over a good one."""
+    from icae.trainer import checkpoint_step, complete_checkpoints, incomplete_checkpoints, remove_checkpoint
+
+    for path in incomplete_checkpoints(out):
+        print(f"note: removing {path}: an incomplete checkpoint (its save was cut short)", file=sys.stderr)
+        remove_checkpoint(path)
+    if resume is not None and resume.resolve().parent == out.resolve() and checkpoint_step(resume) is not None:
+        for path in complete_checkpoints(out):
+            if checkpoint_step(path) > checkpoint_step(resume):
+                print(f"note: removing {path}: newer than {resume.name}, which this run resumes from and "
+                      "whose later steps it redoes", file=sys.stderr)
+                remove_checkpoint(path)
+
+
 def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, cache: bool = True):
     from icae.data import tokenize_texts
     from icae.examples import build_examples
@@ -163,6 +286,9 @@ def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed:
     eval_ids = [t for t in tokenize_texts(eval_texts, tokenizer, cfg.model_max_length, cache) if t]
     if not train_ids:
         raise UserError("no training text has a single token; check the training data")
+    for name, texts, ids in (("training", train_texts, train_ids), ("eval", eval_texts, eval_ids)):
+        if len(ids) < len(texts):
+            print(f"note: skipped {len(texts) - len(ids)} of {len(texts)} {name} texts with no tokens", file=sys.stderr)
     train = build_examples(train_ids, cfg, eos, seed)
     evaluation = build_examples(eval_ids, cfg, eos, seed, eval_set=True)
     return train, evaluation
@@ -172,10 +298,35 @@ def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # 1. Checks, cheapest first, all before anything is written or loaded: flags, output_dir,
+    #    data files, then the model (its config only) and the checkpoints it would load.
     model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
     config = model_args.icae_config()
     example_cfg = args.example_config()
+    check_data_args(data_args)
     resume = resolve_output_dir(args)
+
+    from icae.base_model import resolve_model
+
+    resolve_model(config.model_name_or_path, convert=False)  # a missing model fails before the data loads
+    train_texts, eval_texts = load_splits(data_args, data_args.eval_size)
+    if not eval_texts and args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
+                        "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
+                        "or pass --eval_strategy no")
+    planned = check_model(config)
+    if resume is not None:
+        explicit = args.resume_from_checkpoint not in (None, "", "False", "false")
+        check_checkpoint_fits(
+            resume, planned,
+            "--resume_from_checkpoint" if explicit else "the last checkpoint in output_dir,",
+            "or pass another --resume_from_checkpoint" if explicit
+            else "or pass --overwrite_output_dir (or another --output_dir) to start afresh",
+        )
+    if model_args.restore_from:
+        check_checkpoint_fits(Path(model_args.restore_from), planned, "--restore_from",
+                              "or restore from a checkpoint that fits this run")
+    del planned
 
     from transformers import set_seed
 
@@ -183,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from icae.model import ICAE
     from icae.trainer import ICAETrainer, MetricsFileCallback, describe_model
 
+    # 2. Side effects on output_dir, now that the run is known to be able to start.
     if args.disable_datasets_cache:
         from datasets import disable_caching
 
@@ -191,9 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.overwrite_output_dir and out.is_dir() and resume is None and args.should_save:
         for child in out.iterdir():  # start afresh: old metrics and checkpoints would mix with the new run
             shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if resume is not None and args.should_save:
+        tidy_checkpoints(out, resume)
     out.mkdir(parents=True, exist_ok=True)
 
-    train_texts, eval_texts = load_splits(data_args, data_args.eval_size)
+    # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_set, eval_set = build_datasets(
         train_texts, eval_texts, tokenizer, example_cfg, args.seed, cache=not args.disable_datasets_cache

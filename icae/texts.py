@@ -312,8 +312,9 @@ def _load_path(path: Path) -> list[str]:
 def load_texts(source: str, min_chars: int = 0) -> list[str]:
     """Texts from `builtin:python-docs` or a local .json/.jsonl/.parquet/.txt file or .txt folder.
 
-    Texts shorter than `min_chars` (or blank) are skipped. Bytes that are not UTF-8 are replaced
-    with U+FFFD and a warning names the file and the count, rather than failing the whole run.
+    Texts shorter than `min_chars` (or blank) are skipped, with a warning that counts them; it is
+    an error only when none is left. Bytes that are not UTF-8 are replaced with U+FFFD and a
+    warning names the file and the count, rather than failing the whole run.
     """
     if source.startswith("builtin:"):
         if source != BUILTIN_PYTHON_DOCS:
@@ -331,6 +332,12 @@ def load_texts(source: str, min_chars: int = 0) -> list[str]:
         raise UserError(
             f"all {len(texts)} texts in {source} are blank or shorter than min_chars={min_chars}; "
             "lower min_chars or pass longer texts"
+        )
+    if len(kept) < len(texts):
+        warnings.warn(
+            f"{source}: skipped {len(texts) - len(kept)} of {len(texts)} texts that are blank or shorter than "
+            f"min_chars={min_chars}",
+            stacklevel=2,
         )
     return kept
 

@@ -1,7 +1,12 @@
 """Training utilities: a Trainer that saves only what ICAE trains, and safe checkpoint handling.
 
-A checkpoint folder counts only once its `COMPLETE` marker exists: the marker is written last,
-so a process killed mid-save never leaves a folder that resume would take as the latest.
+A checkpoint folder counts only once its `COMPLETE` marker exists and its weights file is whole:
+the marker is written last (and removed first when a folder is rewritten or deleted), so a process
+killed mid-save never leaves a folder that resume would take as the latest. Rotation
+(`--save_total_limit`) runs only after the new checkpoint is complete and counts complete ones only.
+
+A NaN or infinite loss, gradient or weight stops training with `TrainingDiverged` before anything
+non-finite is applied or saved, so the last checkpoint on disk stays good.
 """
 
 from __future__ import annotations
@@ -10,12 +15,14 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from icae.base_model import safetensors_problem
 from icae.errors import UserError
 from icae.model import ICAE, WEIGHTS_NAME
 
@@ -27,17 +34,44 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """`checkpoint-N` folders with their marker, oldest first."""
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """The marker is there and the weights file is whole (a torn write is caught by its header)."""
+    path = Path(path)
+    return (path / COMPLETE_MARKER).is_file() and safetensors_problem(path / WEIGHTS_NAME) is None
+
+
+def _numbered_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = []
     for path in output_dir.iterdir():
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and path.is_dir() and (path / COMPLETE_MARKER).is_file() and (path / WEIGHTS_NAME).is_file():
+        if match and path.is_dir():
             found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+    return sorted(found)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-N` folders with their marker and whole weights, oldest first."""
+    return [p for _, p in _numbered_checkpoints(output_dir) if is_complete_checkpoint(p)]
+
+
+def incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """`checkpoint-N` folders that are not complete (a save that was interrupted), oldest first."""
+    return [p for _, p in _numbered_checkpoints(output_dir) if not is_complete_checkpoint(p)]
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Unmark first, then delete: a deletion cut short leaves an incomplete folder, never a 'complete' one."""
+    path = Path(path)
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -52,18 +86,39 @@ class ICAETrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.text_tokens = 0  # text tokens compressed so far, on this process
         self._tokens_at_log = (0, time.perf_counter())
+        self.add_callback(_FiniteGradientGuard(self))
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            for callback in self.callback_handler.callbacks:  # end the progress bar, so the error starts a line
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.close()
+                    callback.training_bar = None
+            raise
+
+    def diverged(self, what: str, step: int) -> TrainingDiverged:
+        last = last_complete_checkpoint(self.args.output_dir)
+        return TrainingDiverged(
+            f"{what} at step {step}; stopped before saving or applying it. "
+            f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}: lower "
+            "--learning_rate or --max_grad_norm, or check the data, then rerun to resume from it"
+        )
+
+    def _check_finite_weights(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        params = [p.detach() for p in model.parameters() if p.requires_grad]
+        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            raise self.diverged("the trained weights are NaN or infinite", self.state.global_step)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         loss = outputs["loss"]
         if model.training:
             if not torch.isfinite(loss.detach()):
-                last = last_complete_checkpoint(self.args.output_dir)
-                raise TrainingDiverged(
-                    f"the training loss is {loss.item()} at step {self.state.global_step + 1}; stopped. "
-                    f"The last good checkpoint is {last or 'none (no checkpoint was saved yet)'}: lower "
-                    "--learning_rate or --max_grad_norm, or check the data, then rerun to resume from it"
-                )
+                raise self.diverged(f"the training loss is {loss.item()}", self.state.global_step + 1)
             m = self.accelerator.unwrap_model(model).config.fixed_mem_size
             self.text_tokens += int(inputs["encoder_attention_mask"].sum()) - int(inputs["num_segments"].sum()) * m
         return (loss, outputs) if return_outputs else loss
@@ -80,15 +135,44 @@ class ICAETrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
             return
+        self._check_finite_weights()
         model = self.accelerator.unwrap_model(self.model)
         model.save_pretrained(output_dir or self.args.output_dir)
         torch.save(self.args, os.path.join(output_dir or self.args.output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        self._check_finite_weights()  # on every rank, before anything is written
+        run_dir = Path(self._get_output_dir(trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # rewriting a folder: incomplete until done
+        # Rotate only once the new checkpoint is complete (transformers rotates before our marker
+        # exists, so a kill in between could leave no complete checkpoint), and count complete ones only.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
             (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
+            self._rotate_complete_checkpoints(run_dir)
+
+    def _rotate_complete_checkpoints(self, run_dir: Path) -> None:
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        found = complete_checkpoints(run_dir)
+        protected = {found[-1].resolve()} if found else set()  # the newest, to resume from
+        if self.state.best_model_checkpoint:
+            protected.add(Path(self.state.best_model_checkpoint).resolve())
+        remaining = len(found)
+        for path in found:
+            if remaining <= max(limit, len(protected)):
+                break
+            if path.resolve() not in protected:
+                remove_checkpoint(path)
+                remaining -= 1
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model or self.accelerator.unwrap_model(self.model)
@@ -98,6 +182,24 @@ class ICAETrainer(Trainer):
         best = self.state.best_model_checkpoint
         if best:
             self.accelerator.unwrap_model(self.model).load_trainable_weights(best)
+
+
+class _FiniteGradientGuard(TrainerCallback):
+    """Stop before the optimizer applies a NaN or infinite gradient (which would poison the weights).
+
+    Skipped under fp16 loss scaling, where an infinite gradient only makes the scaler skip the step.
+    """
+
+    def __init__(self, trainer: ICAETrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        if args.fp16 or getattr(trainer.accelerator, "scaler", None) is not None:
+            return
+        grads = [p.grad.detach() for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all():
+            raise trainer.diverged("the gradients are NaN or infinite", state.global_step + 1)
 
 
 class MetricsFileCallback(TrainerCallback):
