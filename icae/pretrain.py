@@ -34,6 +34,9 @@ class ModelArguments(ICAEConfig):
     use_my_pe: bool | None = field(default=None, metadata={"help": "the seed's switch: True = --position_layout epl"})
     train_decoder: bool | None = field(default=None, metadata={"help": "True = --decoder_mode shared (the seed's)"})
     restore_from: str | None = field(default=None, metadata={"help": "start from the weights of an ICAE checkpoint"})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "sdpa (default), eager, or flash_attention_2 (CUDA, pip install flash-attn)"}
+    )
 
     def icae_config(self) -> ICAEConfig:
         if self.use_my_pe is not None:
@@ -354,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     set_seed(args.seed)
-    base = load_base_model(config.model_name_or_path)  # fp32 master weights; --bf16 autocasts
+    # fp32 master weights; --bf16 autocasts
+    base = load_base_model(config.model_name_or_path, attn_implementation=model_args.attn_implementation)
     model = ICAE(config, base_model=base, tokenizer=tokenizer)
     if model_args.restore_from:
         model.load_trainable_weights(model_args.restore_from)
