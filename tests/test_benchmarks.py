@@ -1,0 +1,124 @@
+"""benchmarks/train_step.py: its FLOP formula against torch's own count, its run plan, and a --smoke run."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_step", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_step"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+# 70 tokens, m = 8, r = 4: three segments of 24, 24 and 22 tokens, so our encoder pads its last row
+# (padding computes) while the reference-cost model runs each segment at its own length.
+SMALL = dict(length=70, mem_size=8, rate=4)
+
+
+@pytest.mark.parametrize(
+    "impl,batch,decoder,ckpt,attn",
+    [
+        ("ours", 1, "frozen", "off", "eager"),
+        ("ours", 2, "shared", "off", "sdpa"),
+        ("ours", 2, "frozen", "on", "sdpa"),
+        ("ours", 1, "shared", "on", "eager"),
+        ("reference", 1, "frozen", "off", "sdpa"),
+        ("reference", 1, "frozen", "decoder", "eager"),
+        ("reference", 1, "frozen", "on", "sdpa"),
+    ],
+)
+def test_flop_formula_matches_torch_flop_counter(bench, impl, batch, decoder, ckpt, attn):
+    """The analytic count equals FlopCounterMode's count of one real step (forward, backward), exactly:
+    frozen weights get no weight-gradient matmuls, the encoder no logits (ours), recompute as counted."""
+    cfg = bench.RunConfig(model="tiny", impl=impl, batch=batch, decoder=decoder, ckpt=ckpt, attn=attn, **SMALL)
+    stepper = bench.Stepper(cfg)
+    with bench.flop_counter_mode() as counter:
+        stepper.step()
+    flops = bench.step_flops(stepper.shape, impl, batch, decoder, ckpt, fused_attention=attn != "eager", **SMALL)
+    assert counter.get_total_flops() == flops["executed_full_square"]  # FlopCounterMode counts all T^2 pairs
+    if ckpt == "off" and attn == "eager":
+        assert flops["executed"] == flops["model"] and flops["executed_full_square"] == flops["model_full_square"]
+    assert flops["model"] < flops["model_full_square"]  # causal pairs only
+
+
+def test_reference_pays_for_full_logits(bench):
+    shape = bench.Shape(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
+    ours, ref = bench.step_flops(shape, "ours", 1), bench.step_flops(shape, "reference", 1)
+    assert ref["model_full_square"] - ours["model_full_square"] == ref["model"] - ours["model"]
+    enc_logits = 2 * 576 * 49152 * 640  # the reference's encoder projects all 640 positions to the vocabulary
+    dec_extra = 2 * 2 * 576 * 49152 * (642 - 513)  # its decoder: forward + backward at the 129 unlabelled positions
+    assert ref["model"] - ours["model"] == enc_logits + dec_extra
+    assert shape.layer_params * 30 + 49152 * 576 + 576 * 61 == 134_515_008  # SmolLM2-135M: tied head, 61 norms
+
+
+def test_llama_1b_config(bench):
+    """The GPU model: built on the meta device (no memory, no download), about 1B parameters."""
+    base, eos = bench.build_base(bench.RunConfig(model="llama-1b", device="meta"))
+    shape = bench.Shape.of(base.config)
+    params = sum(p.numel() for p in base.parameters())
+    assert params == shape.layer_params * 16 + 2 * 2048 * 32000 + 2048 * 33  # + RMSNorm weights
+    assert 0.8e9 < params < 1.1e9 and (shape.kv_heads, shape.head_dim, shape.intermediate) == (8, 64, 5632)
+
+
+def test_cuda_is_refused_without_a_gpu(bench):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.resolve_args(bench.parse_args(["--quick", "--device", "cuda"]))
+    args, device, mode = bench.resolve_args(bench.parse_args(["--quick"]))
+    assert device == "cpu" and args.models == ["smollm2-135m"]
+
+
+def test_segments_match_the_collator(bench):
+    from icae.positions import segment_spans
+
+    for length in (1, 70, 511, 512, 513, 2000):
+        assert bench.segments(length, 128, 4) == [n for _, n in segment_spans(length, 128, 4)]
+
+
+def test_plan_interleaves_pairs_abba(bench):
+    args, device, mode = bench.resolve_args(bench.parse_args(["--quick", "--device", "cpu"]))
+    keys = [c.key() for c in bench.plan_runs(args, device)]
+    a, b = "smollm2-135m|ours|b1|epl|frozen|fp32|ckpt-off", "smollm2-135m|reference-cost|b1|fp32|ckpt-off"
+    assert keys == [a, b, b, a, "smollm2-135m|ours|b4|epl|frozen|fp32|ckpt-off"]
+
+
+def test_smoke_run_writes_report(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["schema"] == "icae-train-step-benchmark/1" and report["mode"] == "smoke"
+    for key in ("cpu_model", "torch", "transformers", "peft", "device"):
+        assert report["environment"][key]
+    assert report["matmul_peak"]["fp32"]["flops_per_s"] > 0
+    assert {r["config"]["impl"] for r in report["results"]} == {"ours", "reference"}
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        assert len(r["step_times_s"]) == r["config"]["steps"] and r["step_time_s"] > 0
+        assert r["text_tokens_per_s"] == pytest.approx(r["config"]["batch"] * 512 / r["step_time_s"])
+        assert r["peak_mem_bytes"] > 0 and r["step_mem_bytes"] >= 0
+        assert r["flops_counted"] == r["flops"]["executed_full_square"]
+        assert r["flops"]["model"] / r["step_time_s"] == pytest.approx(r["achieved_model_flops_per_s"])
+    ours, ref = sorted(report["results"], key=lambda r: r["config"]["impl"])
+    # Both hold LoRA and the memory table; the reference-cost model a second copy of the base weights.
+    assert ref["weight_bytes"] - ours["weight_bytes"] == ours["base_weight_bytes"]
+    (ratio,) = report["ratios"]
+    assert ratio["step_time_ratio"] > 0 and ratio["peak_mem_ratio"] > 0
+    for row in report["summary"]:
+        assert 0 < row["model_fraction_of_peak"]
+    table = out.with_suffix(".md").read_text()
+    assert "reference-cost" in table and "| tiny | ours |" in table
