@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark one ICAE training step: time, text tokens/s, peak memory, and FLOPs against the machine's peak.
 
-    python benchmarks/train_step.py --quick                    # a few minutes on 2 CPU cores
+    python benchmarks/train_step.py --quick                    # 7-10 minutes on 2 shared CPU cores
     python benchmarks/train_step.py                            # the whole matrix (hours on a CPU)
     python benchmarks/train_step.py --smoke --output /tmp/s.json   # tiny random model, seconds (tests)
 
@@ -11,14 +11,14 @@ the step time is the median of the measured steps. Peak memory: on CPU the proce
 high-water mark (VmHWM, reset through /proc/self/clear_refs once the model is built) minus the RSS
 before the model was loaded; on CUDA `torch.cuda.max_memory_allocated`.
 
-`--impl reference` is NOT a training path: it is a COST MODEL of the reference implementation
-(getao/icae, code/icae_v2/modeling_icae_multi_span.py), kept only to measure what our single-copy
-design saves. It spends compute and memory the way the reference does: a second full copy of the
-base model as the frozen decoder, batch 1, the encoder called as a whole causal LM with
-output_hidden_states=True (vocabulary logits over every position, all hidden states returned),
-and the decoder computing logits over the whole row before the loss. Ratios ours/reference are
-only reported between runs of the same invocation, interleaved ABBA to spread the noise of a
-shared machine over both sides.
+The reference-cost runs (impl "reference", `ReferenceCostModel`) are NOT a training path: they are
+a COST MODEL of the reference implementation (getao/icae, code/icae_v2/modeling_icae_multi_span.py),
+kept only to measure what our single-copy design saves. It spends compute and memory the way the
+reference does: a second full copy of the base model as the frozen decoder, batch 1, the encoder
+called as a whole causal LM with output_hidden_states=True (vocabulary logits over every position,
+all hidden states returned), and the decoder computing logits over the whole row before the loss.
+Ratios ours/reference are only reported between runs of the same invocation, interleaved ABBA to
+spread the noise of a shared machine over both sides.
 
 The analytic FLOP count of a step (`step_flops`) is documented in benchmarks/README.md; the
 first warm-up step also counts FLOPs with torch's FlopCounterMode as a cross-check.
@@ -27,7 +27,6 @@ first warm-up step also counts FLOPs with torch's FlopCounterMode as a cross-che
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime as _dt
@@ -81,6 +80,7 @@ class RunConfig:
     rate: int = RATE
     attn: str | None = None  # attention implementation; None: the model's own (sdpa)
     probe_n: int = 2048  # size of the run's own matmul probe
+    live_memory: bool = False  # CPU: also profile one extra step for the peak of live tensor bytes
     seed: int = 0
 
     def key(self) -> str:
@@ -107,7 +107,7 @@ def _csv(text: str, cast=str) -> list:
 def plan_runs(args, device: str) -> list[RunConfig]:
     """The run order: each ours/reference pair at batch 1 ABBA-interleaved `repeats` times, then the rest."""
     common = dict(device=device, warmup=args.warmup, steps=args.steps, length=args.length, mem_size=args.mem_size,
-                  rate=args.rate, attn=args.attn, probe_n=args.matmul_n)
+                  rate=args.rate, attn=args.attn, probe_n=args.matmul_n, live_memory=args.live_memory)
     ours = [
         RunConfig(model=mo, batch=b, layout=la, decoder=de, dtype=dt, ckpt=ck, **common)
         for mo in args.models for dt in args.dtypes for ck in args.ckpts
@@ -137,7 +137,8 @@ def pair_partner(ref: RunConfig, ours: list[RunConfig]) -> RunConfig | None:
     """Our run compared with a reference-cost run: same model, dtype and checkpointing (the reference's
     decoder-only checkpointing is compared with ours off, our default), batch 1, frozen decoder."""
     ckpt = "off" if ref.ckpt == "decoder" else ref.ckpt
-    same = [c for c in ours if (c.model, c.dtype, c.ckpt, c.batch, c.decoder) == (ref.model, ref.dtype, ckpt, 1, "frozen")]
+    want = (ref.model, ref.dtype, ckpt, 1, "frozen")
+    same = [c for c in ours if (c.model, c.dtype, c.ckpt, c.batch, c.decoder) == want]
     same.sort(key=lambda c: c.layout != "default")  # the reference's own layout first, if it is in the matrix
     return same[0] if same else None
 
@@ -658,6 +659,29 @@ class Stepper:
         return float(loss.detach())
 
 
+LIVE_CATEGORIES = ("parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail",
+                   "unknown")
+
+
+def live_memory_peak(stepper: Stepper) -> tuple[int, dict]:
+    """Peak bytes of live CPU tensors during one (extra, untimed) step, by torch's memory profiler: what a
+    caching allocator would report as allocated, without the C allocator's retained and fragmented pages
+    that RSS also counts."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        stepper.step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as f:
+            _, sizes = json.load(f)
+    at = max(sizes, key=sum)
+    return sum(at), {name: n for name, n in zip(LIVE_CATEGORIES, at[1:]) if n}
+
+
 def run_worker(cfg: RunConfig) -> dict:
     """Measure one configuration in this (fresh) process."""
     import gc
@@ -709,6 +733,7 @@ def run_worker(cfg: RunConfig) -> dict:
         cpu_times.append(time.process_time() - c)
 
     peak_rss = rss.peak()
+    live = live_memory_peak(stepper) if cfg.live_memory and not cuda else None
     median = statistics.median(times)
     flops = step_flops(stepper.shape, cfg.impl, cfg.batch, cfg.decoder, cfg.ckpt, cfg.length, cfg.mem_size, cfg.rate,
                        fused_attention=stepper.fused_attention)
@@ -735,6 +760,8 @@ def run_worker(cfg: RunConfig) -> dict:
         # Memory the training needs: weights + gradients + optimizer state + activations (+ allocator
         # caches), i.e. the peak RSS over the RSS of the bare interpreter with torch imported.
         result.update(peak_mem_bytes=peak_rss - rss_base, step_mem_bytes=peak_rss - rss_built)
+    if live is not None:
+        result.update(live_peak_bytes=live[0], live_peak_by_category=live[1])
     if not all(math.isfinite(x) for x in losses):
         result["status"] = "nonfinite-loss"
     return result
@@ -808,6 +835,8 @@ def summarise(results: list[dict], peaks: dict) -> list[dict]:
                 text_tokens_per_s=cfg["batch"] * cfg["length"] / t,
                 peak_mem_bytes=med("peak_mem_bytes"), step_mem_bytes=med("step_mem_bytes"),
                 peak_mem_bytes_runs=[r["peak_mem_bytes"] for r in ok],
+                live_peak_bytes=(statistics.median(r["live_peak_bytes"] for r in ok)
+                                 if all("live_peak_bytes" in r for r in ok) else None),
                 built_mem_bytes=statistics.median(  # the built model, before any step: its weights as resident
                     r["cuda_built_bytes"] if "cuda_built_bytes" in r else r["rss_built_bytes"] - r["rss_base_bytes"]
                     for r in ok),
@@ -861,6 +890,8 @@ def compute_ratios(rows: list[dict], results: list[dict]) -> list[dict]:
                 "step_cpu_ratio": a["step_cpu_s"] / b["step_cpu_s"],
                 "peak_mem_ratio": a["peak_mem_bytes"] / b["peak_mem_bytes"],
                 "step_mem_ratio": a["step_mem_bytes"] / b["step_mem_bytes"],
+                "live_peak_ratio": (a["live_peak_bytes"] / b["live_peak_bytes"]
+                                    if a.get("live_peak_bytes") and b.get("live_peak_bytes") else None),
                 "flops_model_ratio": a["flops_model"] / b["flops_model"],
                 "flops_executed_ratio": a["flops_executed"] / b["flops_executed"],
                 "step_time_ratio_per_repeat": per_pair,
@@ -899,8 +930,9 @@ def markdown(report: dict) -> str:
             for k, v in report["matmul_peak"].items()),
         "",
         "| model | impl | B | layout | decoder | dtype | ckpt | step s | CPU s | text tok/s | peak mem MiB "
-        "| step Δ MiB | built MiB | weights MiB | GFLOP/step | GFLOP/s | of peak | of peak (CPU time) | runs |",
-        "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| step Δ MiB | live MiB | built MiB | weights MiB | GFLOP/step | GFLOP/s | of peak "
+        "| of peak (CPU time) | runs |",
+        "|---|---|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["summary"]:
         c = r["config"]
@@ -909,38 +941,44 @@ def markdown(report: dict) -> str:
         decoder = "2nd copy" if c["impl"] == "reference" else c["decoder"]
         head = f"| {c['model']} | {impl} | {c['batch']} | {layout} | {decoder} | {c['dtype']} | {c['ckpt']} "
         if "step_time_s" not in r:
-            lines.append(head + f"| {r.get('status')} |" + " |" * 11)
+            lines.append(head + f"| {r.get('status')} |" + " |" * 12)
             continue
         lines.append(
             head + f"| {r['step_time_s']:.2f} | {r['step_cpu_s']:.1f} | {r['text_tokens_per_s']:,.1f} "
-            f"| {_mb(r['peak_mem_bytes'])} | {_mb(r['step_mem_bytes'])} | {_mb(r.get('built_mem_bytes'))} "
+            f"| {_mb(r['peak_mem_bytes'])} | {_mb(r['step_mem_bytes'])} | {_mb(r.get('live_peak_bytes'))} "
+            f"| {_mb(r.get('built_mem_bytes'))} "
             f"| {_mb(r['weight_bytes'])} "
             f"| {r['flops_model'] / 1e9:,.0f} | {r['achieved_model_flops_per_s'] / 1e9:,.1f} "
             f"| {_pct(r['model_fraction_of_peak'])} | {_pct(r['model_fraction_of_peak_cpu_time'])} | {r['ok_runs']} |")
     if report["ratios"]:
         lines += ["", "Ratios ours / reference-cost (same invocation, pairs ABBA-interleaved; targets: step time "
                   "<= 0.7, peak memory <= 0.6):", "",
-                  "| ours | reference-cost | step time | per pair | CPU time | peak mem | step Δ mem "
+                  "| ours | reference-cost | step time | per pair | CPU time | peak mem | step Δ mem | live mem "
                   "| model FLOPs | executed FLOPs |",
-                  "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for q in report["ratios"]:
             per = ", ".join(f"{x:.2f}" for x in q["step_time_ratio_per_repeat"])
-            lines.append(f"| {q['ours']} | {q['reference']} | {q['step_time_ratio']:.2f} | {per} "
+            ours, ref = q["ours"].replace("|", " "), q["reference"].replace("|", " ")  # no table pipes
+            lines.append(f"| {ours} | {ref} | {q['step_time_ratio']:.2f} | {per} "
                          f"| {q['step_cpu_ratio']:.2f} | {q['peak_mem_ratio']:.2f} | {q['step_mem_ratio']:.2f} "
+                         f"| {'-' if q.get('live_peak_ratio') is None else format(q['live_peak_ratio'], '.2f')} "
                          f"| {q['flops_model_ratio']:.2f} | {q['flops_executed_ratio']:.2f} |")
     lines += ["", "step s: median wall time of a step (forward + backward + AdamW); CPU s: its process CPU time "
               "(all threads). peak mem: peak over the steps minus the process before the model was loaded (CPU: "
               "RSS high-water mark; CUDA: max_memory_allocated), so it includes the weights; step Δ: the same peak "
-              "minus the memory right after the model was built; built: that memory (the model before any step, "
+              "minus the memory right after the model was built; live: peak of live tensor bytes in one extra "
+              "profiled step (--live-memory; no allocator slack); built: that memory (the model before any step, "
               "weights paged in) over the same baseline; weights: bytes of the module's parameters. GFLOP/step: "
-              "analytic model FLOPs (causal attention pairs, no recompute; see README). of peak: achieved / best matmul probe, by wall time and by CPU time. executed FLOPs "
-              "include checkpointing's and fused attention's recompute.", ""]
+              "analytic model FLOPs (causal attention pairs, no recompute; see README). of peak: achieved / best "
+              "matmul probe, by wall time and by CPU time. executed FLOPs include checkpointing's and fused "
+              "attention's recompute.", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a small subset: minutes on 2 CPU cores")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a small subset: 7-10 minutes on 2 shared CPU cores")
     p.add_argument("--smoke", action="store_true", help="a tiny random model, 1+1 steps (for tests)")
     p.add_argument("--output", default=None, help="JSON path (a .md table is written beside it); "
                    "default benchmarks/results/train_step-<mode>-<device>.json")
@@ -958,11 +996,14 @@ def parse_args(argv):
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference-cost runs")
     p.add_argument("--repeats", type=int, default=None, help="runs of each ours/reference pair, ABBA (default 2)")
     p.add_argument("--repeat-all", action="store_true", help="repeat every configuration, not only the pairs")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2; the first also counts FLOPs)")
-    p.add_argument("--steps", type=int, default=None, help="measured steps (default 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up steps (default 2, --quick 1; the first also counts FLOPs)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 3; 5 on CUDA)")
     p.add_argument("--length", type=int, default=LENGTH, help=argparse.SUPPRESS)
     p.add_argument("--mem-size", type=int, default=MEM_SIZE, help=argparse.SUPPRESS)
     p.add_argument("--rate", type=int, default=RATE, help=argparse.SUPPRESS)
+    p.add_argument("--live-memory", action="store_true", help="CPU: profile one extra step per run for the peak "
+                   "of live tensor bytes (RSS also counts the C allocator's retained pages)")
     p.add_argument("--attn", default=None, help="attention implementation (default: the model's, sdpa)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-matmul probe")
