@@ -22,13 +22,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from icae import metrics
 from icae.collate import IGNORE, collate
 from icae.errors import UserError
 from icae.examples import ae_example
 from icae.inference import compress, eos_token_id, eval_mode, generate_ids, load_checkpoint, token_ids
+from icae.losses import linear_cross_entropy
 
 EVAL_SIZE = 1000  # the built-in corpus's first texts are its eval split (texts.split_train_eval)
 
@@ -60,8 +60,9 @@ def _plain_nll(model, rows: list[tuple[list[int], list[int]]]) -> tuple[float, i
         hidden = model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     targets = labels[:, 1:]
     is_target = targets != IGNORE
-    logits = model.base.get_output_embeddings()(hidden.last_hidden_state[:, :-1][is_target]).float()
-    return float(F.cross_entropy(logits, targets[is_target], reduction="sum")), int(is_target.sum())
+    head = model.base.get_output_embeddings()
+    losses = linear_cross_entropy(hidden.last_hidden_state[:, :-1][is_target], head.weight, targets[is_target], head.bias)
+    return float(losses.sum()), int(is_target.sum())
 
 
 def _reconstruct_ids(model, ids: list[list[int]], max_new_tokens: int | None) -> list[list[int]]:

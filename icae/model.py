@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from icae.collate import IGNORE, Collator
 from icae.config import ICAEConfig
 from icae.errors import UserError
+from icae.losses import linear_cross_entropy
 
 WEIGHTS_NAME = "icae_weights.safetensors"
 ENCODER_ADAPTER, DECODER_ADAPTER = "default", "decoder"
@@ -218,8 +219,9 @@ class ICAE(nn.Module):
         hidden = self.decoder_hidden(inputs_embeds, decoder_attention_mask, decoder_position_ids).last_hidden_state
         targets = labels[:, 1:]
         is_target = targets != IGNORE
-        logits = self.base.get_output_embeddings()(hidden[:, :-1][is_target])  # only where there are labels
-        token_loss = F.cross_entropy(logits.float(), targets[is_target], reduction="none")
+        head = self.base.get_output_embeddings()
+        # only where there are labels, and never the whole logit tensor at once (icae.losses)
+        token_loss = linear_cross_entropy(hidden[:, :-1][is_target], head.weight, targets[is_target], head.bias)
         rows = is_target.nonzero()[:, 0]
         count = is_target.sum(1)
         row_loss = torch.zeros(labels.shape[0], device=token_loss.device).index_add(0, rows, token_loss)

@@ -1,0 +1,67 @@
+"""Per-token cross-entropy of hidden states through the output embedding, without the logit tensor.
+
+The vocabulary projection is the largest tensor of a training step: 512 tokens x 49,152 (SmolLM2)
+fp32 logits are 100 MB, and autograd keeps the log-softmax and creates two gradients of that
+size (128k vocabularies at batch 8: several GB). Each token's loss depends on its own hidden row
+only, so the gradient of loss_i with respect to h_i, (softmax_i - onehot_i) W, is computed in the
+forward pass, chunk by chunk, and kept (tokens x hidden size); backward scales it by the incoming
+per-token gradient. Same matmuls as the plain path, no recompute, peak = one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MB in fp32)
+
+
+def chunk_rows(vocab_size: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def _chunk_losses(hidden, weight, bias, targets, start, stop, with_grad: bool):
+    logits = F.linear(hidden[start:stop], weight, bias).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, targets[start:stop, None]).squeeze(1)
+    loss = lse - target_logit
+    if not with_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    probs[torch.arange(stop - start, device=probs.device), targets[start:stop]] -= 1.0
+    return loss, probs.to(weight.dtype) @ weight  # under autocast, in the autocast dtype like the forward matmul
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows):
+        losses, grads = [], []
+        for start in range(0, hidden.shape[0], rows):
+            loss, grad = _chunk_losses(hidden, weight, bias, targets, start, min(start + rows, hidden.shape[0]), True)
+            losses.append(loss)
+            grads.append(grad)
+        grad_hidden = torch.cat(grads).to(hidden.dtype) if grads else hidden.new_zeros(hidden.shape)
+        ctx.save_for_backward(grad_hidden)
+        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_loss[:, None].to(grad_hidden.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token losses (fp32, reduction none) of `hidden` (N, d) projected by `weight` (V, d) (+ `bias`)."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
+        raise ValueError(f"expected hidden (N, d) and targets (N,), got {tuple(hidden.shape)} / {tuple(targets.shape)}")
+    rows = chunk_rows(weight.shape[0])
+    trained_head = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and trained_head:  # a trained output layer: the plain path
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    with torch.no_grad():
+        losses = [_chunk_losses(hidden, weight, bias, targets, s, min(s + rows, hidden.shape[0]), False)[0]
+                  for s in range(0, hidden.shape[0], rows)]
+    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
