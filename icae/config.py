@@ -57,6 +57,9 @@ class ICAEConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json_string(self) -> str:  # what transformers' reporting callbacks call on `model.config`
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     @classmethod
     def from_dict(cls, data: dict) -> "ICAEConfig":
         names = {f.name for f in dataclasses.fields(cls)}

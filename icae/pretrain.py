@@ -166,6 +166,45 @@ def resolve_output_dir(args: PretrainArguments) -> Path | None:
     return last
 
 
+REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+
+
+def check_reporting(args: PretrainArguments) -> None:
+    """A `--report_to` integration whose package is missing fails now, not after the model has loaded."""
+    from importlib.util import find_spec
+
+    for name in args.report_to or []:
+        package = REPORT_PACKAGES.get(name)
+        if package and find_spec(package) is None:
+            raise UserError(f"--report_to {name} needs the {package} package: pip install 'icae[{name}]' "
+                            "(or pass --report_to none)")
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def setup_wandb(args: PretrainArguments, out: Path) -> None:
+    """wandb runs under output_dir, in project `icae`, and offline when there is no API key: a
+    training run never stops at a login prompt or for want of a network (`wandb sync` uploads later)."""
+    if "wandb" not in (args.report_to or []):
+        return
+    os.environ.setdefault("WANDB_PROJECT", "icae")
+    os.environ.setdefault("WANDB_DIR", str(out))
+    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        if args.should_log:
+            print(f"wandb: no API key (WANDB_API_KEY or `wandb login`), logging offline under "
+                  f"{os.environ['WANDB_DIR']}/wandb; upload with `wandb sync`", flush=True)
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -307,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     config = model_args.icae_config()
     example_cfg = args.example_config()
     check_data_args(data_args)
+    check_reporting(args)
     resume = resolve_output_dir(args)
 
     from icae.base_model import resolve_model
@@ -349,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if resume is not None and args.should_save:
         tidy_checkpoints(out, resume)
     out.mkdir(parents=True, exist_ok=True)
+    setup_wandb(args, out)
 
     # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -383,6 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     trainer.save_model(args.output_dir)
     if eval_set:
         trainer.evaluate()
+    if "wandb" in (args.report_to or []):  # close the run now (an offline one is complete on disk), not at exit
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
     return 0
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from icae.errors import UserError
 from icae.pretrain import main as pretrain
 from icae.testing import save_tiny_model
 
@@ -135,3 +136,60 @@ def test_two_processes_match_one_process_with_twice_the_batch(workspace):
     a, b = _weights(one), _weights(two)
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-4, rtol=0)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _short_run(root, model, out, report):
+    return shlex.split(f"{tiny_flags(root, model, out)} --report_to {report} --max_steps 3 --logging_steps 1 "
+                       "--eval_strategy steps --eval_steps 3 --per_device_train_batch_size 2 --save_strategy no")
+
+
+def test_wandb_logs_offline_without_credentials(workspace, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    root, model = workspace
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no `wandb login` either
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wandb-run"
+    assert pretrain(_short_run(root, model, out, "wandb")) == 0
+    assert os.environ["WANDB_MODE"] == "offline"
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((out / "wandb").iterdir()) if (out / "wandb").exists() else "no wandb folder"
+    # The offline record file (protobuf records, values as JSON text) holds every logged loss.
+    (records,) = runs[0].glob("run-*.wandb")
+    data = records.read_bytes()
+    assert b"train/loss" in data and b"eval/loss" in data
+    logged = [r[k] for r in _metrics(out) for k in ("loss", "eval_loss") if k in r]
+    assert len(logged) >= 4 and all(json.dumps(v).encode() in data for v in logged)
+
+
+def test_tensorboard_gets_the_same_losses_as_metrics_jsonl(workspace, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, model = workspace
+    out = tmp_path / "tb-run"
+    assert pretrain(_short_run(root, model, out, "tensorboard")) == 0
+    (logdir,) = (out / "runs").iterdir()  # transformers 5: output_dir/runs/<date_host> (or TENSORBOARD_LOGGING_DIR)
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    expected = {r["step"]: r["loss"] for r in _metrics(out) if "loss" in r}
+    assert logged.keys() == expected.keys() and len(logged) == 3
+    assert list(logged.values()) == pytest.approx(list(expected.values()), rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/loss")][:1] == [3]
+
+
+def test_missing_reporting_package_is_named_before_anything_loads(workspace, tmp_path, monkeypatch):
+    import icae.pretrain
+
+    root, model = workspace
+    monkeypatch.setitem(icae.pretrain.REPORT_PACKAGES, "wandb", "no_such_package_for_icae_tests")
+    out = tmp_path / "never"
+    with pytest.raises(UserError, match=r"--report_to wandb needs .*pip install 'icae\[wandb\]'"):
+        pretrain(_short_run(root, model, out, "wandb"))
+    assert not out.exists()
