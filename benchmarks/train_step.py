@@ -840,15 +840,6 @@ def interleaved_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_interleaved(report: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    text = interleaved_markdown(report)
-    out.with_suffix(".md").write_text(text)
-    print(text)
-    print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
-
-
 def run_interleaved(args, device: str) -> int:
     """--interleave N: every ours/reference-cost pair of the plan, N rounds each, in this process."""
     runs = plan_runs(args, device)
@@ -867,7 +858,7 @@ def run_interleaved(args, device: str) -> int:
     env["loadavg_end"] = _loadavg()
     report = {"mode": "interleaved", "environment": env, "argv": ["benchmarks/train_step.py", *sys.argv[1:]],
               "results": results}
-    write_interleaved(report, Path(args.output))
+    write_report(report, Path(args.output))
     return 0
 
 
@@ -1173,9 +1164,7 @@ def main(argv=None) -> int:
         print(RESULT_MARKER + json.dumps(run_worker(cfg)), flush=True)
         return 0
     if args.render:  # re-derive the summary, ratios and table of an earlier run's JSON
-        report = json.loads(Path(args.render).read_text())
-        write = write_interleaved if report.get("mode") == "interleaved" else write_report
-        write(report, Path(args.output or args.render))
+        write_report(json.loads(Path(args.render).read_text()), Path(args.output or args.render))
         return 0
     args, device, mode = resolve_args(args)
     if mode == "smoke":
@@ -1252,10 +1241,14 @@ def analyse(report: dict) -> dict:
 
 
 def write_report(report: dict, out: Path) -> None:
-    report = analyse(report)
+    """JSON + .md table of a matrix run (summary and ratios re-derived) or of an --interleave run."""
+    if report.get("mode") == "interleaved":
+        table = interleaved_markdown(report)
+    else:
+        report = analyse(report)
+        table = markdown(report)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
-    table = markdown(report)
     out.with_suffix(".md").write_text(table)
     print(table)
     print(f"wrote {out} and {out.with_suffix('.md')}", file=sys.stderr)

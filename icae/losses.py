@@ -32,17 +32,22 @@ def _chunk_losses(hidden, weight, bias, targets, start, stop, with_grad: bool):
     return loss, probs.to(weight.dtype) @ weight  # under autocast, in the autocast dtype like the forward matmul
 
 
+def _all_chunks(hidden, weight, bias, targets, rows, with_grad: bool):
+    """(per-token losses, gradients w.r.t. hidden or None), chunk by chunk."""
+    n = hidden.shape[0]
+    parts = [_chunk_losses(hidden, weight, bias, targets, s, min(s + rows, n), with_grad) for s in range(0, n, rows)]
+    losses = torch.cat([p[0] for p in parts]) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    if not with_grad:
+        return losses, None
+    return losses, torch.cat([p[1] for p in parts]).to(hidden.dtype) if parts else hidden.new_zeros(hidden.shape)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows):
-        losses, grads = [], []
-        for start in range(0, hidden.shape[0], rows):
-            loss, grad = _chunk_losses(hidden, weight, bias, targets, start, min(start + rows, hidden.shape[0]), True)
-            losses.append(loss)
-            grads.append(grad)
-        grad_hidden = torch.cat(grads).to(hidden.dtype) if grads else hidden.new_zeros(hidden.shape)
+        losses, grad_hidden = _all_chunks(hidden, weight, bias, targets, rows, with_grad=True)
         ctx.save_for_backward(grad_hidden)
-        return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+        return losses
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -62,6 +67,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if torch.is_grad_enabled() and hidden.requires_grad:
         return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
     with torch.no_grad():
-        losses = [_chunk_losses(hidden, weight, bias, targets, s, min(s + rows, hidden.shape[0]), False)[0]
-                  for s in range(0, hidden.shape[0], rows)]
-    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+        return _all_chunks(hidden, weight, bias, targets, rows, with_grad=False)[0]
