@@ -1,7 +1,8 @@
 """`icae ablate --grid seed --output_dir DIR [pretrain flags...]`: the seed's four runs as one command.
 
-Grids: `seed` = layout {default, epl} x LoRA targets {q,v, all-linear} (the seed's four command
-lines); `full` adds decoder {frozen, shared}; `layout` = layout {default, epl} only. `--seeds 1,2`
+Grids: `seed` = layout {default, epl} x LoRA targets {q,v, all-linear} with the seed's decoder
+(`shared`: in the seed's code the decoder IS the LoRA-adapted encoder); `full` = the same with
+decoder {frozen (ICAE v2's), shared}; `layout` = layout {default, epl} only. `--seeds 1,2`
 repeats each run per seed. Every run gets the same data, data order and seed, runs in its own
 process one after another, is skipped when already finished, and a failed run does not stop the
 others. Finally `icae report` is written to DIR/report.{png,md,json}.
@@ -24,6 +25,7 @@ GRIDS = {
     "full": {"position_layout": ["default", "epl"], "lora_target_modules": ["", "all-linear"],
              "decoder_mode": ["frozen", "shared"]},
 }
+FIXED = {"seed": {"decoder_mode": "shared"}}  # not an axis, but part of what the grid means
 FORBIDDEN = ("--output_dir", "--seed", "--position_layout", "--use_my_pe", "--overwrite_output_dir")
 
 
@@ -40,7 +42,7 @@ def grid_runs(grid: str, seeds: list[int]) -> list[tuple[str, dict]]:
                 *([point["decoder_mode"]] if "decoder_mode" in point else []),
                 f"seed{seed}",
             ])
-            runs.append((name, {**point, "seed": seed}))
+            runs.append((name, {**point, **FIXED.get(grid, {}), "seed": seed}))
     return runs
 
 
@@ -62,10 +64,12 @@ def main(argv: list[str]) -> int:
     bad = [f for f in passthrough if f.split("=")[0] in FORBIDDEN]
     if bad:
         raise UserError(f"{', '.join(bad)} is set by icae ablate itself for every run; leave it out")
-    axes = [f"--{a}" for a in GRIDS[args.grid]]
+    axes = [f"--{a}" for a in [*GRIDS[args.grid], *FIXED.get(args.grid, {})]]
+    if "--decoder_mode" in axes:
+        axes.append("--train_decoder")
     clash = [f for f in passthrough if f.split("=")[0] in axes]
     if clash:
-        raise UserError(f"{', '.join(clash)} is an axis of --grid {args.grid}; leave it out")
+        raise UserError(f"{', '.join(clash)} is set by --grid {args.grid} for every run; leave it out")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

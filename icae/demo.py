@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     print("== evaluating the trained checkpoint", flush=True)
     model = ICAE.from_pretrained(out)
-    _, eval_texts = load_splits(DataArguments(max_eval_samples=args.eval_texts), 100)
+    _, eval_texts = load_splits(DataArguments(eval_size=100, max_eval_samples=args.eval_texts))
     results = evaluate(model, eval_texts, model_max_length=64, batch_size=8)
     (out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
 

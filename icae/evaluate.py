@@ -30,7 +30,6 @@ from icae.examples import ae_example
 from icae.inference import compress, eos_token_id, eval_mode, generate_ids, load_checkpoint, token_ids
 from icae.losses import linear_cross_entropy
 
-EVAL_SIZE = 1000  # the built-in corpus's first texts are its eval split (texts.split_train_eval)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -179,19 +178,21 @@ def format_table(results: dict) -> str:
 
 def load_eval_texts(source: str) -> list[str]:
     """A file is the eval set as it is; the built-in corpus contributes its eval split only."""
-    from icae.texts import BUILTIN_PYTHON_DOCS, load_texts, split_train_eval
+    from icae.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
 
     texts = load_texts(source)
-    return split_train_eval(texts, EVAL_SIZE)[1] if source == BUILTIN_PYTHON_DOCS else texts
+    return split_train_eval(texts, default_eval_size(len(texts)))[1] if source == BUILTIN_PYTHON_DOCS else texts
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="icae eval", description="Evaluate an ICAE checkpoint; write JSON results.")
     p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder")
     p.add_argument("--eval_file", default="builtin:python-docs",
-                   help=f"eval texts (.json/.jsonl/.parquet/.txt); default: the first {EVAL_SIZE} built-in texts")
+                   help=f"eval texts (.json/.jsonl/.parquet/.txt); default: the built-in corpus's eval split "
+                        "(its first 5%%, as `icae pretrain` holds out)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N texts")
-    p.add_argument("--model_max_length", type=int, default=512, help="cut each text to this many tokens")
+    p.add_argument("--model_max_length", type=int, default=None,
+                   help="cut each text to this many tokens (default: the checkpoint's training length, else 512)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=None,
                    help="reconstruction length limit (default: each text's length + 1)")
@@ -205,8 +206,14 @@ def main(argv: list[str]) -> int:
 
     texts = load_eval_texts(args.eval_file)
     model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    length = args.model_max_length
+    if length is None:
+        trained = model.training_info.get("model_max_length")
+        length = int(trained) if trained else 512
+        print(f"--model_max_length {length} ("
+              + ("the checkpoint's training length" if trained else "the checkpoint records no training length") + ")")
     results = evaluate(
-        model, texts, limit=args.limit, model_max_length=args.model_max_length, batch_size=args.batch_size,
+        model, texts, limit=args.limit, model_max_length=length, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, generate=not args.no_generate,
     )
     results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file, **results,

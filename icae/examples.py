@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from icae.errors import UserError
 
 IGNORE = -100
+TEXT_WINDOWS = ("start", "random")
 
 
 @dataclass
@@ -22,12 +23,15 @@ class ExampleConfig:
     min_tokens_for_lm: int = 64
     leave_tokens_for_lm: int = 8
     add_special_token_for_lm: bool = False
+    text_window: str = "start"  # "start": the seed's cut to the first model_max_length tokens; "random": ICAE v2's window anywhere
 
     def validate(self) -> "ExampleConfig":
         if self.model_max_length < 1:
             raise UserError(f"--model_max_length must be at least 1 (got {self.model_max_length})")
         if not 0.0 <= self.lm_ratio <= 1.0:
             raise UserError(f"--lm_ratio must be between 0 and 1 (got {self.lm_ratio})")
+        if self.text_window not in TEXT_WINDOWS:
+            raise UserError(f"--text_window must be one of {', '.join(TEXT_WINDOWS)} (got {self.text_window!r})")
         if self.min_tokens_for_lm < 0 or self.leave_tokens_for_lm < 0:
             raise UserError("--min_tokens_for_lm and --leave_tokens_for_lm must not be negative")
         if self.leave_tokens_for_lm > self.min_tokens_for_lm:
@@ -62,8 +66,9 @@ def ae_example(ids: list[int], eos_id: int) -> dict:
 
 
 def pretrain_example(ids: list[int], cfg: ExampleConfig, eos_id: int, rng: random.Random) -> dict:
-    """One AE or LM example from a text's token ids (cut to model_max_length, as the seed does)."""
-    ids = list(ids[: cfg.model_max_length])
+    """One AE or LM example from a text's token ids: cut to model_max_length first, as the seed
+    does, or (`text_window="random"`) with the window anywhere in the whole text, as ICAE v2."""
+    ids = list(ids[: cfg.model_max_length] if cfg.text_window == "start" else ids)
     text, continuation = text_extraction(ids, cfg.model_max_length, cfg.lm_ratio, rng)
     if len(continuation) <= cfg.min_tokens_for_lm:  # too little to predict: autoencode instead
         return ae_example(text, eos_id)
@@ -78,6 +83,31 @@ def pretrain_example(ids: list[int], cfg: ExampleConfig, eos_id: int, rng: rando
     }
 
 
+def example_rng(seed: int, index: int, visit: int = 0) -> random.Random:
+    """The randomness of one example: (seed, index) on a text's first visit, (seed, visit, index) after."""
+    return random.Random(f"{seed}:{index}" if visit == 0 else f"{seed}:{visit}:{index}")
+
+
+class ExampleDataset:
+    """Pretraining examples made on access from (seed, index): nothing example-sized is stored.
+
+    `visits` > 1 lists every text that many times, each visit with its own draw (another window
+    under `text_window="random"`, another AE/LM choice), so a short corpus still gives fresh examples.
+    """
+
+    def __init__(self, token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int, seed: int, visits: int = 1):
+        self.token_lists, self.cfg, self.eos_id, self.seed, self.visits = token_lists, cfg, eos_id, seed, visits
+
+    def __len__(self) -> int:
+        return len(self.token_lists) * self.visits
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        visit, index = divmod(i, len(self.token_lists))
+        return pretrain_example(self.token_lists[index], self.cfg, self.eos_id, example_rng(self.seed, index, visit))
+
+
 def build_examples(token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int, seed: int, eval_set: bool = False):
     """Examples for a whole split; the eval set is AE only (the seed's eval curve is the AE loss)."""
     out = []
@@ -85,5 +115,5 @@ def build_examples(token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int
         if eval_set:
             out.append(ae_example(list(ids[: cfg.model_max_length]), eos_id))
         else:
-            out.append(pretrain_example(ids, cfg, eos_id, random.Random(f"{seed}:{index}")))
+            out.append(pretrain_example(ids, cfg, eos_id, example_rng(seed, index)))
     return out

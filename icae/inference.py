@@ -251,6 +251,20 @@ def generate_ids(
     return out
 
 
+def reconstruction_scores(model, texts: list[list[int]], batch_size: int = 8) -> dict:
+    """Greedy [AE] reconstruction of token-id texts (up to each length + 1), scored against them:
+    token accuracy, exact match (token lists) and BLEU-4 (decoded texts)."""
+    from icae import metrics
+
+    slots, lengths = compress(model, texts, batch_size=batch_size, return_lengths=True)
+    hyps = generate_ids(model, slots, lengths, "ae", max_new_tokens=[n + 1 for n in lengths], batch_size=batch_size)
+    scores = {"token_accuracy": metrics.token_accuracy(hyps, texts), "exact_match": metrics.exact_match(hyps, texts)}
+    if model.tokenizer is not None:
+        decode = model.tokenizer.batch_decode
+        scores["bleu"] = metrics.bleu(decode(hyps, skip_special_tokens=True), decode(texts, skip_special_tokens=True))
+    return scores
+
+
 def _decode(model, ids: list[list[int]]) -> list[str]:
     if model.tokenizer is None:
         raise UserError("this model has no tokenizer to turn tokens into text; use generate_ids")

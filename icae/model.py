@@ -66,6 +66,7 @@ class ICAE(nn.Module):
             base_model = load_base_model(config.model_name_or_path)
             tokenizer = tokenizer or load_tokenizer(config.model_name_or_path)
         self.tokenizer = tokenizer
+        self.training_info: dict = {}  # how the weights were trained (model_max_length, command, ...), saved along
         base_model.config.use_cache = False
         embeddings = base_model.get_input_embeddings().weight
         config.vocab_size, config.hidden_size = embeddings.shape
@@ -267,7 +268,7 @@ class ICAE(nn.Module):
             "lm_token_id": self.config.vocab_size + self.config.fixed_mem_size + 1,
             "ft_token_id": self.config.vocab_size + self.config.fixed_mem_size + 2,
         }
-        self.config.save(directory, lora_config=lora, special_tokens=special)
+        self.config.save(directory, lora_config=lora, special_tokens=special, training=self.training_info)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(directory))
 
@@ -295,7 +296,7 @@ class ICAE(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, model_name_or_path: str | None = None, base_model=None, tokenizer=None, **overrides
     ) -> "ICAE":
-        config, _ = ICAEConfig.load(directory)
+        config, data = ICAEConfig.load(directory)
         expected = (config.hidden_size, config.vocab_size)
         if model_name_or_path:
             config.model_name_or_path = model_name_or_path
@@ -309,6 +310,7 @@ class ICAE(nn.Module):
                 "pass the base model it was trained with (--model_name_or_path)"
             )
         model.load_trainable_weights(directory)
+        model.training_info = dict(data.get("training") or {})
         return model
 
     def lora_target_names(self) -> list[str]:

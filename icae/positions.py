@@ -10,8 +10,6 @@ import argparse
 import json
 import math
 
-import torch
-
 LAYOUTS = ("default", "epl", "epl_fixed")
 TASKS = ("ae", "lm", "ft")
 
@@ -40,11 +38,21 @@ def memory_positions(layout: str, seg_len: int, mem_size: int, rate: int, offset
     if layout == "epl_fixed":
         return [offset + (rate + 1) // 2 + k * rate for k in range(mem_size)]
     if layout == "epl":
-        c = seg_len / mem_size
-        centres = torch.linspace(1 + (c - 1) / 2, seg_len - (c - 1) / 2, mem_size, dtype=torch.float64)
-        return [offset + int(p) for p in torch.round(centres).tolist()]  # round half to even
+        return [offset + _round_half_even((2 * k + 1) * seg_len + mem_size, 2 * mem_size) for k in range(mem_size)]
     check_layout(layout)
     raise AssertionError("unreachable")
+
+
+def _round_half_even(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half to even (torch.round's rule), exactly, in integers.
+
+    The centre of memory token k is ((2k+1)*s + m) / (2m); a float linspace misrounds its exact
+    halves when m is not a power of two (m=7, s=74: 37.5 must give 38).
+    """
+    q, r = divmod(numerator, denominator)
+    if 2 * r > denominator or (2 * r == denominator and q % 2 == 1):
+        q += 1
+    return q
 
 
 def encoder_positions(layout: str, seg_len: int, mem_size: int, rate: int, offset: int = 0) -> list[int]:
@@ -72,7 +80,8 @@ def decoder_positions(
     """Positions of a decoder row `[slots, special token?, num_tokens tokens]`.
 
     epl: the AE token sits at 0 so each reconstructed token keeps its original position; for LM
-    and FT the special token sits at L and what follows continues the compressed text at L+1.
+    and FT the first token after the slots sits at L, whatever it is (the [LM]/[FT] token, or
+    without one the first continuation token), as in the seed's code.
     """
     n_slots = len(segment_spans(text_len, mem_size, rate)) * mem_size
     n_special = 1 if special_token else 0
@@ -82,9 +91,8 @@ def decoder_positions(
         raise ValueError(f"unknown task {task!r}")
     if task == "ae" and not special_token:
         raise ValueError("the AE task always has its [AE] token")
-    first = 1 if task == "ae" else text_len + 1  # position of the first token after the special one
-    special = [first - 1] if special_token else []
-    return slot_positions(layout, text_len, mem_size, rate) + special + list(range(first, first + num_tokens))
+    start = 0 if task == "ae" else text_len  # position of the first token after the slots
+    return slot_positions(layout, text_len, mem_size, rate) + list(range(start, start + n_special + num_tokens))
 
 
 # ----------------------------------------------------------------------------- `icae layout`

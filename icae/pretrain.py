@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -57,7 +58,10 @@ class DataArguments:
         default=None, metadata={"help": "training texts (.json/.jsonl/.parquet/.txt/folder); default: built-in corpus"}
     )
     eval_file: str | None = field(default=None, metadata={"help": "eval texts; default: split off the training source"})
-    eval_size: int = field(default=1000, metadata={"help": "texts split off for eval when --eval_file is not given"})
+    eval_size: int | None = field(
+        default=None, metadata={"help": "the first N texts are the eval split when --eval_file is not given "
+                                "(default: 5% of the texts, at least 1, at most 1,000)"}
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval texts"})
     min_chars: int = field(default=1, metadata={"help": "skip texts shorter than this many characters"})
@@ -71,8 +75,19 @@ class PretrainArguments(TrainingArguments):
     min_tokens_for_lm: int = field(default=64, metadata={"help": "shorter continuations become AE examples"})
     leave_tokens_for_lm: int = field(default=8, metadata={"help": "first continuation tokens carry no loss"})
     add_special_token_for_lm: bool = field(default=False, metadata={"help": "put [LM] before the continuation"})
+    text_window: str = field(
+        default="start", metadata={"help": "start: each text cut to its first model_max_length tokens (the seed); "
+                                   "random: a window anywhere in the text, redrawn on every visit (ICAE v2)"}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh even if output_dir has a run"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
+    memory_learning_rate: float | None = field(
+        default=None, metadata={"help": "learning rate of the memory/special token embeddings (default: --learning_rate)"}
+    )
+    eval_reconstruction_samples: int = field(
+        default=0, metadata={"help": "at each eval, greedily reconstruct this many eval texts and log token "
+                             "accuracy, exact match and BLEU-4 (0: off)"}
+    )
     disable_datasets_cache: bool = field(default=False, metadata={"help": "the seed's workaround: no datasets cache"})
     remove_unused_columns: bool = field(default=False)
     prediction_loss_only: bool = field(default=True)
@@ -94,6 +109,7 @@ class PretrainArguments(TrainingArguments):
             min_tokens_for_lm=self.min_tokens_for_lm,
             leave_tokens_for_lm=self.leave_tokens_for_lm,
             add_special_token_for_lm=self.add_special_token_for_lm,
+            text_window=self.text_window,
         ).validate()
 
 
@@ -208,19 +224,24 @@ def setup_wandb(args: PretrainArguments, out: Path) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_splits(data_args: DataArguments, seed_eval_size: int) -> tuple[list[str], list[str]]:
-    from icae.texts import BUILTIN_PYTHON_DOCS, load_texts, split_train_eval
+def load_splits(data_args: DataArguments, verbose: bool = False) -> tuple[list[str], list[str]]:
+    from icae.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
 
     source = data_args.train_file or BUILTIN_PYTHON_DOCS
     texts = load_texts(source, min_chars=data_args.min_chars)
     if data_args.eval_file:
         train, evaluation = texts, load_texts(data_args.eval_file, min_chars=data_args.min_chars)
     else:
-        train, evaluation = split_train_eval(texts, seed_eval_size)
+        size = data_args.eval_size if data_args.eval_size is not None else default_eval_size(len(texts))
+        train, evaluation = split_train_eval(texts, size)
     if data_args.max_train_samples:
         train = train[: data_args.max_train_samples]
     if data_args.max_eval_samples is not None:
         evaluation = evaluation[: data_args.max_eval_samples]
+    if verbose:
+        how = ("--eval_file" if data_args.eval_file else
+               f"the first {len(evaluation):,}" + (" (--eval_size)" if data_args.eval_size is not None else " (5%)"))
+        print(f"texts: {len(train):,} train, {len(evaluation):,} eval ({how}) from {source}", flush=True)
     return train, evaluation
 
 
@@ -317,21 +338,28 @@ def tidy_checkpoints(out: Path, resume: Path | None) -> None:
                 remove_checkpoint(path)
 
 
-def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, cache: bool = True):
+def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, cache: bool = True,
+                   examples_needed: int = 0):
+    """(train, eval) example datasets. Under `--text_window random` a training text is listed as
+    often as `examples_needed` (max_steps x batch) requires, with a fresh window each time."""
+    import math
+
     from icae.data import tokenize_texts
-    from icae.examples import build_examples
+    from icae.examples import ExampleDataset, build_examples
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, which the AE target needs; use a model whose tokenizer has one")
     eos = tokenizer.eos_token_id
-    train_ids = [t for t in tokenize_texts(train_texts, tokenizer, cfg.model_max_length, cache) if t]
+    keep = cfg.model_max_length if cfg.text_window == "start" else None
+    train_ids = [t for t in tokenize_texts(train_texts, tokenizer, keep, cache) if t]
     eval_ids = [t for t in tokenize_texts(eval_texts, tokenizer, cfg.model_max_length, cache) if t]
     if not train_ids:
         raise UserError("no training text has a single token; check the training data")
     for name, texts, ids in (("training", train_texts, train_ids), ("eval", eval_texts, eval_ids)):
         if len(ids) < len(texts):
             print(f"note: skipped {len(texts) - len(ids)} of {len(texts)} {name} texts with no tokens", file=sys.stderr)
-    train = build_examples(train_ids, cfg, eos, seed)
+    visits = max(1, math.ceil(examples_needed / len(train_ids))) if cfg.text_window == "random" else 1
+    train = ExampleDataset(train_ids, cfg, eos, seed, visits)
     evaluation = build_examples(eval_ids, cfg, eos, seed, eval_set=True)
     return train, evaluation
 
@@ -342,7 +370,8 @@ def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed:
 def main(argv: list[str] | None = None) -> int:
     # 1. Checks, cheapest first, all before anything is written or loaded: flags, output_dir,
     #    data files, then the model (its config only) and the checkpoints it would load.
-    model_args, data_args, args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, args = parse_args(argv_used)
     config = model_args.icae_config()
     example_cfg = args.example_config()
     check_data_args(data_args)
@@ -352,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     from icae.base_model import resolve_model
 
     resolve_model(config.model_name_or_path, convert=False)  # a missing model fails before the data loads
-    train_texts, eval_texts = load_splits(data_args, data_args.eval_size)
+    train_texts, eval_texts = load_splits(data_args, verbose=args.should_log)
     if not eval_texts and args.eval_strategy != "no":
         raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
                         "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
@@ -393,8 +422,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
+    examples_needed = max(args.max_steps, 0) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
+        * args.world_size
     train_set, eval_set = build_datasets(
-        train_texts, eval_texts, tokenizer, example_cfg, args.seed, cache=not args.disable_datasets_cache
+        train_texts, eval_texts, tokenizer, example_cfg, args.seed, cache=not args.disable_datasets_cache,
+        examples_needed=examples_needed,
     )
 
     set_seed(args.seed)
@@ -403,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     model = ICAE(config, base_model=base, tokenizer=tokenizer)
     if model_args.restore_from:
         model.load_trainable_weights(model_args.restore_from)
+    model.training_info = {"model_max_length": example_cfg.model_max_length, "lm_ratio": example_cfg.lm_ratio,
+                           "text_window": example_cfg.text_window, "train_source": data_args.train_file or "builtin:python-docs",
+                           "command": "icae pretrain " + " ".join(shlex.quote(a) for a in argv_used)}
     if args.should_save:
         print(describe_model(model), flush=True)
         print(f"train examples: {len(train_set):,} | eval examples (AE): {len(eval_set):,} | resume: {resume}")

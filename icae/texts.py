@@ -342,6 +342,11 @@ def load_texts(source: str, min_chars: int = 0) -> list[str]:
     return kept
 
 
+def default_eval_size(num_texts: int) -> int:
+    """5% of the texts, at least 1, at most 1,000 (the seed's size on SlimPajama)."""
+    return max(1, min(1000, round(0.05 * num_texts)))
+
+
 def split_train_eval(texts: list[str], eval_size: int) -> tuple[list[str], list[str]]:
     """The first `eval_size` texts are the eval set, the rest train (the seed's convention)."""
     if eval_size < 0:

@@ -99,6 +99,37 @@ class ICAETrainer(Trainer):
                     callback.training_bar = None
             raise
 
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the memory embeddings in a group of their own when
+        `--memory_learning_rate` is set (the schedule scales it like every other group)."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        lr = getattr(self.args, "memory_learning_rate", None)
+        if fresh and lr is not None:
+            memory = list(self.accelerator.unwrap_model(self.model).memory_embeddings.parameters())
+            ids = {id(p) for p in memory}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group({"params": memory, "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """The loss loop, plus greedy reconstruction of the first `--eval_reconstruction_samples`
+        eval texts (token accuracy, exact match, BLEU-4): the loss alone cannot tell a decoder that
+        reads the slots from one that guesses likely text."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        n = getattr(self.args, "eval_reconstruction_samples", 0) or 0
+        dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
+        if n > 0 and dataset is not None and self.is_world_process_zero():
+            from icae.inference import reconstruction_scores
+
+            model = self.accelerator.unwrap_model(self.model)
+            texts = [list(dataset[i]["input_ids"]) for i in range(min(n, len(dataset)))]
+            scores = reconstruction_scores(model, texts, batch_size=self.args.per_device_eval_batch_size)
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
+        return output
+
     def diverged(self, what: str, step: int) -> TrainingDiverged:
         last = last_complete_checkpoint(self.args.output_dir)
         return TrainingDiverged(
@@ -208,7 +239,8 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(),
+                  "cpu_seconds": round(time.process_time(), 2), **logs}
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(Path(args.output_dir) / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")

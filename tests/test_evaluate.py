@@ -103,12 +103,13 @@ def test_evaluate_on_memorised_texts(memorised):
     assert short["ae_loss"] != results["ae_loss"]
 
 
-def test_builtin_eval_split_is_the_first_thousand_texts(monkeypatch):
+def test_builtin_eval_split_is_what_pretrain_holds_out(monkeypatch):
     import icae.texts
+    from icae.pretrain import DataArguments, load_splits
 
-    corpus = [f"text {i}" for i in range(1005)]
+    corpus = [f"text {i}" for i in range(1445)]
     monkeypatch.setattr(icae.texts, "load_texts", lambda source, min_chars=0: corpus)
-    assert load_eval_texts("builtin:python-docs") == corpus[:1000]
+    assert load_eval_texts("builtin:python-docs") == corpus[:72] == load_splits(DataArguments())[1]
     assert load_eval_texts("some_file.json") == corpus
 
 
@@ -143,3 +144,18 @@ def test_eval_cli(memorised, tmp_path):
 
     with pytest.raises(UserError, match="not a folder"):
         main(["--checkpoint", str(tmp_path / "nowhere"), "--eval_file", str(tmp_path / "eval.json")])
+
+
+def test_eval_length_defaults_to_the_checkpoints_training_length(memorised, tmp_path, capsys):
+    (tmp_path / "eval.json").write_text(json.dumps(TEXTS))
+    for trained, expected in ((6, 6), (None, 512)):
+        ckpt = tmp_path / f"ckpt-{trained}"
+        memorised.training_info = {"model_max_length": trained} if trained else {}
+        memorised.save_pretrained(ckpt)
+        main(["--checkpoint", str(ckpt), "--eval_file", str(tmp_path / "eval.json"), "--no_generate"])
+        assert f"--model_max_length {expected} (" in capsys.readouterr().out
+        saved = json.loads((ckpt / "eval_results.json").read_text())
+        assert saved["model_max_length"] == expected
+        if trained:
+            assert saved["ae_tokens"] == len(TEXTS) * (trained + 1)
+    memorised.training_info = {}

@@ -34,6 +34,7 @@ def test_segments_cover_text(length):
         (7, 4, [1, 3, 5, 7], []),
         (5, 2, [2, 4], []),
         (128, 128, list(range(1, 129)), []),
+        (74, 7, [6, 16, 27, 38, 48, 59, 69], []),
     ],
 )
 def test_epl_worked_examples(seg_len, m, head, tail):
@@ -52,6 +53,27 @@ def test_epl_equals_seed_arange_formula():
         c = seg_len / m
         seed = torch.round(torch.arange((c + 1) / 2, seg_len + 0.5, c, dtype=torch.float64))[:m].long().tolist()
         assert memory_positions("epl", seg_len, m, 4) == seed
+
+
+def test_epl_lm_without_special_token_starts_at_L():
+    # POSITIONS.md's worked example: L=512, m=128, no [LM]: the continuation runs 512, 513, ...
+    pos = decoder_positions("epl", 512, 128, 4, "lm", 2, special_token=False)
+    assert pos[126:] == [506, 510, 512, 513]
+    with_token = decoder_positions("epl", 512, 128, 4, "lm", 2, special_token=True)
+    assert with_token[126:] == [506, 510, 512, 513, 514]  # [LM] at 512, the continuation from 513
+    assert decoder_positions("epl_fixed", 512, 128, 4, "lm", 2, special_token=False)[126:] == [506, 510, 512, 513]
+
+
+def test_epl_centres_round_exactly_half_to_even():
+    # Every centre ((2k+1)*s + m) / (2m) rounded half to even, against exact rational arithmetic.
+    from fractions import Fraction
+
+    def reference(s, m):  # Python's round() of a Fraction is exact and rounds half to even
+        return [round(Fraction((2 * k + 1) * s + m, 2 * m)) for k in range(m)]
+
+    for m in range(1, 161):
+        for s in range(1, 601):
+            assert memory_positions("epl", s, m, 4) == reference(s, m), (s, m)
 
 
 def test_epl_512_is_every_fourth_from_two():
@@ -88,7 +110,7 @@ def test_decoder_epl_tasks():
     slots = memory_positions("epl", 7, 4, 4)
     assert decoder_positions("epl", 7, 4, 4, "ae", 8) == slots + [0] + list(range(1, 9))
     assert decoder_positions("epl", 7, 4, 4, "lm", 3) == slots + [7, 8, 9, 10]
-    assert decoder_positions("epl", 7, 4, 4, "lm", 3, special_token=False) == slots + [8, 9, 10]
+    assert decoder_positions("epl", 7, 4, 4, "lm", 3, special_token=False) == slots + [7, 8, 9]  # the seed's
     assert decoder_positions("epl", 7, 4, 4, "ft", 2) == slots + [7, 8, 9]
     assert decoder_positions("epl_fixed", 7, 4, 4, "ae", 2) == [2, 6, 10, 14, 0, 1, 2]
 

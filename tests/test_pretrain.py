@@ -23,6 +23,7 @@ SEED_COMMON = (
     '--max_grad_norm 2.0 --overwrite_output_dir --logging_steps 10 --evaluation_strategy "steps" --eval_steps 100 '
     "--add_special_token_for_lm True"
 )
+SEED_DECODER = "--train_decoder True"  # the seed's decoder: the LoRA-adapted encoder (README says so)
 SEED_RUNS = {
     "default": "--use_my_pe False",
     "epl": "--use_my_pe True",
@@ -52,11 +53,13 @@ def test_seed_command_lines(workspace, run):
     root, model = workspace
     out = root / f"seed-{run}"
     # the seed's lines verbatim; the appended flags only shorten the run (argparse: the last one wins)
-    argv = shlex.split(f"{SEED_COMMON} {SEED_RUNS[run]} {tiny_flags(root, model, out)} "
+    argv = shlex.split(f"{SEED_COMMON} {SEED_RUNS[run]} {SEED_DECODER} {tiny_flags(root, model, out)} "
                        "--max_steps 2 --gradient_accumulation_steps 3")
     assert pretrain(argv) == 0
     config = json.loads((out / "icae_config.json").read_text())
     assert config["position_layout"] == ("epl" if "epl" in run else "default")
+    assert config["decoder_mode"] == "shared"
+    assert config["training"]["model_max_length"] == 512 and "--use_my_pe" in config["training"]["command"]
     targets = set(config["lora_config"]["target_modules"])
     if "all_linear" in run:
         assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -67,6 +70,16 @@ def test_seed_command_lines(workspace, run):
     assert weights and all("lora_" in k or k == "memory_embeddings.weight" for k in weights)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in records) and any("train_loss" in r for r in records)
+
+
+def test_seed_lines_without_the_decoder_flag_get_icae_v2s_frozen_decoder():
+    from icae.pretrain import parse_args
+
+    for run in SEED_RUNS.values():
+        model_args, _, _ = parse_args(shlex.split(f"{SEED_COMMON} {run} --output_dir /tmp/x"))
+        assert model_args.icae_config().decoder_mode == "frozen"
+        model_args, _, _ = parse_args(shlex.split(f"{SEED_COMMON} {run} {SEED_DECODER} --output_dir /tmp/x"))
+        assert model_args.icae_config().decoder_mode == "shared"
 
 
 def test_cli_entry_points_and_bad_output_dir(workspace):

@@ -156,3 +156,23 @@ def test_split_train_eval_takes_eval_first():
         split_train_eval(texts, 5)
     with pytest.raises(UserError, match=r"eval_size=-1 is negative"):
         split_train_eval(texts, -1)
+
+
+def test_default_eval_split_is_proportional_and_capped():
+    from icae.texts import default_eval_size
+
+    assert [default_eval_size(n) for n in (1, 2, 19, 100, 1445, 20_000, 10**6)] == [1, 1, 1, 5, 72, 1000, 1000]
+
+
+def test_pretrain_splits_print_sizes_and_keep_an_explicit_eval_size(tmp_path, capsys):
+    import json
+
+    from icae.pretrain import DataArguments, load_splits
+
+    path = tmp_path / "texts.json"
+    path.write_text(json.dumps([f"text number {i}" for i in range(100)]))
+    train, evaluation = load_splits(DataArguments(train_file=str(path)), verbose=True)
+    assert (len(train), len(evaluation)) == (95, 5) and evaluation[0] == "text number 0"
+    assert "95 train, 5 eval" in capsys.readouterr().out
+    train, evaluation = load_splits(DataArguments(train_file=str(path), eval_size=30))
+    assert (len(train), len(evaluation)) == (70, 30)
