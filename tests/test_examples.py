@@ -90,3 +90,26 @@ def test_eval_set_is_ae_only():
 def test_contradictory_settings_are_refused(kwargs, message):
     with pytest.raises(UserError, match=message):
         ExampleConfig(**kwargs).validate()
+
+
+def test_example_dataset_first_visit_is_todays_examples_and_later_visits_redraw():
+    from icae.examples import ExampleDataset
+
+    texts = [ids(40 + i, i) for i in range(12)]
+    cfg = ExampleConfig(model_max_length=16, lm_ratio=0.5, min_tokens_for_lm=4, leave_tokens_for_lm=2)
+    data = ExampleDataset(texts, cfg, EOS, seed=5, visits=3)
+    assert len(data) == 36
+    assert [data[i] for i in range(12)] == build_examples(texts, cfg, EOS, seed=5)
+    assert [data[i] for i in range(12, 24)] != [data[i] for i in range(12)]
+    assert data[13] == ExampleDataset(texts, cfg, EOS, seed=5, visits=3)[13]  # deterministic
+    with pytest.raises(IndexError):
+        data[36]
+
+
+def test_random_text_window_reaches_past_model_max_length():
+    cfg = ExampleConfig(model_max_length=16, lm_ratio=0.0, text_window="random")
+    text = ids(200)
+    starts = {text.index(pretrain_example(text, cfg, EOS, random.Random(s))["input_ids"][0]) for s in range(50)}
+    assert max(starts) > 16 and all(s + 16 <= 200 for s in starts)
+    seed_cut = ExampleConfig(model_max_length=16, lm_ratio=0.0)
+    assert all(pretrain_example(text, seed_cut, EOS, random.Random(s))["input_ids"] == text[:16] for s in range(5))

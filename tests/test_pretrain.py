@@ -206,3 +206,49 @@ def test_missing_reporting_package_is_named_before_anything_loads(workspace, tmp
     with pytest.raises(UserError, match=r"--report_to wandb needs .*pip install 'icae\[wandb\]'"):
         pretrain(_short_run(root, model, out, "wandb"))
     assert not out.exists()
+
+
+def test_memory_learning_rate_gets_its_own_optimizer_group(workspace, tmp_path):
+    from icae.config import ICAEConfig
+    from icae.model import ICAE
+    from icae.pretrain import PretrainArguments
+    from icae.testing import byte_tokenizer, tiny_base_model
+    from icae.trainer import ICAETrainer
+
+    model = ICAE(ICAEConfig(fixed_mem_size=4, lora_r=4), tiny_base_model(), byte_tokenizer())
+    memory = {id(p) for p in model.memory_embeddings.parameters()}
+    for lr, groups_with_memory in ((None, 1), (0.5, 1)):
+        args = PretrainArguments(output_dir=str(tmp_path), learning_rate=1e-3, memory_learning_rate=lr, report_to="none")
+        optimizer = ICAETrainer(model=model, args=args, data_collator=model.collator).create_optimizer()
+        holding = [g for g in optimizer.param_groups if memory & {id(p) for p in g["params"]}]
+        assert len(holding) == groups_with_memory
+        assert holding[0]["lr"] == (lr or 1e-3)
+        if lr is not None:  # alone in its group, and every trainable weight still in exactly one group
+            assert {id(p) for p in holding[0]["params"]} == memory
+        ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+        assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+def test_random_windows_and_reconstruction_metrics_during_eval(workspace):
+    root, model = workspace
+    out = root / "windows"
+    argv = shlex.split(f"{tiny_flags(root, model, out)} --model_max_length 24 --fixed_mem_size 4 --lm_ratio 0 "
+                       "--text_window random --max_steps 3 --per_device_train_batch_size 8 --eval_strategy steps "
+                       "--eval_steps 3 --eval_reconstruction_samples 3 --save_strategy no --logging_steps 1 "
+                       "--memory_learning_rate 1e-2")
+    assert pretrain(argv) == 0
+    records = _metrics(out)
+    assert all("cpu_seconds" in r for r in records)
+    evals = [r for r in records if "eval_loss" in r]
+    assert evals and all(0.0 <= r["eval_token_accuracy"] <= 1.0 and "eval_bleu" in r and "eval_exact_match" in r
+                         for r in evals)
+    config = json.loads((out / "icae_config.json").read_text())
+    assert config["training"]["text_window"] == "random" and config["training"]["model_max_length"] == 24
+    # the logged token accuracy is what `icae eval`'s own reconstruction gives on the same 3 texts
+    from icae.evaluate import evaluate
+    from icae.inference import load_checkpoint
+
+    trained = load_checkpoint(str(out), device="cpu")
+    eval_texts = json.loads((root / "eval.json").read_text())[:3]
+    results = evaluate(trained, eval_texts, model_max_length=24, batch_size=3)
+    assert evals[-1]["eval_token_accuracy"] == pytest.approx(results["token_accuracy"])
