@@ -188,7 +188,7 @@ class Shape:
 
 
 def segments(length: int, mem_size: int, rate: int) -> list[int]:
-    """Segment lengths, as icae.positions.segment_spans cuts them (and the reference does)."""
+    """Segment lengths, as icae.core.positions.segment_spans cuts them (and the reference does)."""
     n = math.ceil(length / (mem_size * rate))
     s = math.ceil(length / n)
     return [min(s, length - j * s) for j in range(n)]
@@ -447,7 +447,7 @@ def build_base(cfg: RunConfig):
     import torch
 
     if cfg.model == "smollm2-135m":
-        from icae.base_model import load_base_model
+        from icae.core.base_model import load_base_model
 
         base = load_base_model("smollm2-135m")
     elif cfg.model == "tiny":
@@ -473,11 +473,11 @@ def build_base(cfg: RunConfig):
 
 
 def make_batch(cfg: RunConfig, vocab: int, eos: int, layout: str) -> dict:
-    """cfg.batch AE examples of exactly cfg.length random tokens, collated as icae.collate does."""
+    """cfg.batch AE examples of exactly cfg.length random tokens, collated as icae.core.collate does."""
     import torch
 
-    from icae.collate import collate
-    from icae.examples import ae_example
+    from icae.core.collate import collate
+    from icae.core.examples import ae_example
 
     g = torch.Generator().manual_seed(cfg.seed + 1)
     texts = [torch.randint(3, vocab, (cfg.length,), generator=g).tolist() for _ in range(cfg.batch)]
@@ -486,8 +486,8 @@ def make_batch(cfg: RunConfig, vocab: int, eos: int, layout: str) -> dict:
 
 
 def build_ours(cfg: RunConfig, base):
-    from icae.config import ICAEConfig
-    from icae.model import ICAE
+    from icae.core.config import ICAEConfig
+    from icae.core.model import ICAE
 
     config = ICAEConfig(fixed_mem_size=cfg.mem_size, mean_compression_rate=cfg.rate, position_layout=cfg.layout,
                         decoder_mode=cfg.decoder, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
@@ -700,8 +700,8 @@ def run_worker(cfg: RunConfig) -> dict:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401 - so that libraries are not counted as memory
 
-    import icae.base_model  # noqa: F401
-    import icae.model  # noqa: F401
+    import icae.core.base_model  # noqa: F401
+    import icae.core.model  # noqa: F401
     import icae.testing  # noqa: F401
 
     cuda = cfg.device == "cuda"

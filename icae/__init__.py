@@ -6,11 +6,11 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy so that `icae --help` and pure helpers do not import torch/transformers.
     if name == "ICAE":
-        from icae.model import ICAE
+        from icae.core.model import ICAE
 
         return ICAE
     if name == "ICAEConfig":
-        from icae.config import ICAEConfig
+        from icae.core.config import ICAEConfig
 
         return ICAEConfig
     raise AttributeError(name)

@@ -28,16 +28,16 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:
     return _default_formatwarning(message, category, filename, lineno, line)
 
 COMMANDS = {
-    "pretrain": ("icae.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
-    "prepare": ("icae.prepare", "build train/eval JSON files from a dataset or local files"),
-    "eval": ("icae.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities"),
-    "compress": ("icae.inference", "compress text into memory slots (safetensors)"),
-    "reconstruct": ("icae.inference", "reconstruct text from memory slots"),
-    "generate": ("icae.inference", "continue text from memory slots"),
-    "layout": ("icae.positions", "print the position ids a layout assigns, as JSON"),
-    "ablate": ("icae.ablate", "run the seed's ablation grid"),
-    "report": ("icae.report", "plot and tabulate finished runs"),
-    "demo": ("icae.demo", "short pretraining + evaluation on the embedded model and corpus"),
+    "pretrain": ("icae.recipes.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
+    "prepare": ("icae.data.prepare", "build train/eval JSON files from a dataset or local files"),
+    "eval": ("icae.recipes.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities"),
+    "compress": ("icae.core.inference", "compress text into memory slots (safetensors)"),
+    "reconstruct": ("icae.core.inference", "reconstruct text from memory slots"),
+    "generate": ("icae.core.inference", "continue text from memory slots"),
+    "layout": ("icae.core.positions", "print the position ids a layout assigns, as JSON"),
+    "ablate": ("icae.recipes.ablate", "run the seed's ablation grid"),
+    "report": ("icae.recipes.report", "plot and tabulate finished runs"),
+    "demo": ("icae.recipes.demo", "short pretraining + evaluation on the embedded model and corpus"),
 }
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from icae.ablate import grid_runs, main
+from icae.recipes.ablate import grid_runs, main
 from icae.errors import UserError
 
 

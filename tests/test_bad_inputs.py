@@ -34,9 +34,9 @@ from icae.testing import save_tiny_model
 
 def _checkpoint(model_dir: str, folder: Path, **config) -> Path:
     """An ICAE checkpoint (weights + icae_config.json) of a fresh ICAE on `model_dir`, no training."""
-    from icae.base_model import load_base_model, load_tokenizer
-    from icae.config import ICAEConfig
-    from icae.model import ICAE
+    from icae.core.base_model import load_base_model, load_tokenizer
+    from icae.core.config import ICAEConfig
+    from icae.core.model import ICAE
 
     cfg = ICAEConfig(model_name_or_path=model_dir, **{"lora_r": 4, "fixed_mem_size": 4, **config})
     ICAE(cfg, base_model=load_base_model(model_dir), tokenizer=load_tokenizer(model_dir)).save_pretrained(folder)
@@ -206,13 +206,13 @@ CASES = {
     "restore-not-a-checkpoint": Case(
         TINY + " --restore_from {ws}/tiny", r"tiny is not an ICAE checkpoint: icae_config.json is missing; pass the"
     ),
-    # other commands' checkpoints (their CLIs belong to icae.evaluate / icae.inference)
+    # other commands' checkpoints (their CLIs belong to icae.recipes.evaluate / icae.core.inference)
     "eval-missing-checkpoint": Case(
-        "eval --checkpoint {ws}/nonexistent", r"nonexistent", whole=True, needs="icae.evaluate"
+        "eval --checkpoint {ws}/nonexistent", r"nonexistent", whole=True, needs="icae.recipes.evaluate"
     ),
     "compress-missing-checkpoint": Case(
         "compress --checkpoint {ws}/nonexistent --text hi -o {out}/x.safetensors", r"nonexistent", whole=True,
-        needs="icae.inference",
+        needs="icae.core.inference",
     ),
 }
 
@@ -233,8 +233,8 @@ def _snapshot(path: Path) -> dict:
 FORK_SERVER = textwrap.dedent("""
     import json, os, sys, traceback
     jobs, workers = json.load(open(sys.argv[1])), int(sys.argv[2])
-    import icae.cli, icae.pretrain, icae.trainer, icae.texts  # the slow imports, once, before any fork
-    for optional in ("icae.evaluate", "icae.inference"):
+    import icae.cli, icae.recipes.pretrain, icae.training.trainer, icae.data.texts  # the slow imports, once, before any fork
+    for optional in ("icae.recipes.evaluate", "icae.core.inference"):
         try:
             __import__(optional)
         except ImportError:
@@ -412,18 +412,18 @@ def test_half_written_checkpoints_are_never_resumed_from(ws, tmp_path, capfd, mo
     """A process died while saving step 6 (no marker) and while a torn step-8 save reached the disk
     (marker, truncated weights): the same command resumes from checkpoint-4, removes both with a
     note, finishes all 8 steps, and ends with the weights of an uninterrupted run."""
-    import icae.trainer
-    from icae.pretrain import main as pretrain
-    from icae.trainer import checkpoint_step, complete_checkpoints, is_complete_checkpoint, last_complete_checkpoint
+    import icae.training.trainer
+    from icae.recipes.pretrain import main as pretrain
+    from icae.training.trainer import checkpoint_step, complete_checkpoints, is_complete_checkpoint, last_complete_checkpoint
 
-    remove = icae.trainer.remove_checkpoint
+    remove = icae.training.trainer.remove_checkpoint
 
     def checked_remove(path):  # rotation never deletes a complete checkpoint before a newer one is complete
         if is_complete_checkpoint(path):
             assert any(checkpoint_step(c) > checkpoint_step(path) for c in complete_checkpoints(Path(path).parent))
         remove(path)
 
-    monkeypatch.setattr(icae.trainer, "remove_checkpoint", checked_remove)
+    monkeypatch.setattr(icae.training.trainer, "remove_checkpoint", checked_remove)
 
     straight = tmp_path / "straight"
     assert pretrain(shlex.split(RUN.format(ws=ws, out=straight))) == 0
@@ -460,7 +460,7 @@ def test_rotation_counts_complete_checkpoints_only(ws, tmp_path):
     own rotation would keep the incomplete folder (the highest number) and delete checkpoint-4."""
     from transformers import TrainingArguments
 
-    from icae.trainer import ICAETrainer, complete_checkpoints
+    from icae.training.trainer import ICAETrainer, complete_checkpoints
 
     for step, complete in ((2, True), (4, True), (6, False)):
         shutil.copytree(ws / "r8-ckpt", tmp_path / f"checkpoint-{step}")
@@ -475,7 +475,7 @@ def test_rotation_counts_complete_checkpoints_only(ws, tmp_path):
 
 
 def test_resuming_from_an_older_checkpoint_drops_the_newer_ones(ws, tmp_path, capfd):
-    from icae.pretrain import main as pretrain
+    from icae.recipes.pretrain import main as pretrain
 
     out = tmp_path / "run"
     flags = RUN.format(ws=ws, out=out).replace("--max_steps 8", "--max_steps 4")
@@ -494,8 +494,8 @@ def test_resuming_from_an_older_checkpoint_drops_the_newer_ones(ws, tmp_path, ca
 # training forward on: the product has no test-only switch.
 NAN_DRIVER = textwrap.dedent("""
     import sys
-    import icae.model
-    forward, calls = icae.model.ICAE.forward, [0]
+    import icae.core.model
+    forward, calls = icae.core.model.ICAE.forward, [0]
     def patched(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
         if self.training:
@@ -503,15 +503,15 @@ NAN_DRIVER = textwrap.dedent("""
             if calls[0] >= {k}:
                 out.loss = out.loss * float("{value}")
         return out
-    icae.model.ICAE.forward = patched
+    icae.core.model.ICAE.forward = patched
     from icae.cli import main
     main(["pretrain", *sys.argv[1:]])
 """)
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(ws, tmp_path):
-    from icae.model import ICAE
-    from icae.trainer import is_complete_checkpoint, last_complete_checkpoint
+    from icae.core.model import ICAE
+    from icae.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
     out, value = tmp_path / "run", "nan"
     flags = RUN.format(ws=ws, out=out).replace("--max_steps 8", "--max_steps 6")
@@ -532,11 +532,11 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(ws, tmp_path
 
 
 def test_infinite_loss_stops_too(ws, tmp_path, monkeypatch):
-    import icae.model
-    from icae.pretrain import main as pretrain
-    from icae.trainer import TrainingDiverged, last_complete_checkpoint
+    import icae.core.model
+    from icae.recipes.pretrain import main as pretrain
+    from icae.training.trainer import TrainingDiverged, last_complete_checkpoint
 
-    forward, calls = icae.model.ICAE.forward, [0]
+    forward, calls = icae.core.model.ICAE.forward, [0]
 
     def patched(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
@@ -546,7 +546,7 @@ def test_infinite_loss_stops_too(ws, tmp_path, monkeypatch):
                 out.loss = out.loss * float("inf")
         return out
 
-    monkeypatch.setattr(icae.model.ICAE, "forward", patched)
+    monkeypatch.setattr(icae.core.model.ICAE, "forward", patched)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"the training loss is inf at step 3; stopped"):
         pretrain(shlex.split(RUN.format(ws=ws, out=out)))
@@ -556,9 +556,9 @@ def test_infinite_loss_stops_too(ws, tmp_path, monkeypatch):
 
 def test_nan_gradients_stop_before_the_update(ws, tmp_path, monkeypatch):
     """A finite loss whose gradient is NaN: stopped before the optimizer step, so no weight turns NaN."""
-    import icae.model
-    from icae.pretrain import main as pretrain
-    from icae.trainer import TrainingDiverged, last_complete_checkpoint
+    import icae.core.model
+    from icae.recipes.pretrain import main as pretrain
+    from icae.training.trainer import TrainingDiverged, last_complete_checkpoint
 
     class NanGradient(torch.autograd.Function):
         @staticmethod
@@ -569,7 +569,7 @@ def test_nan_gradients_stop_before_the_update(ws, tmp_path, monkeypatch):
         def backward(ctx, grad):
             return grad * float("nan")
 
-    forward, calls = icae.model.ICAE.forward, [0]
+    forward, calls = icae.core.model.ICAE.forward, [0]
 
     def patched(self, *args, **kwargs):
         out = forward(self, *args, **kwargs)
@@ -579,7 +579,7 @@ def test_nan_gradients_stop_before_the_update(ws, tmp_path, monkeypatch):
                 out.loss = out.loss + NanGradient.apply(self.memory_embeddings.weight).sum() * 0
         return out
 
-    monkeypatch.setattr(icae.model.ICAE, "forward", patched)
+    monkeypatch.setattr(icae.core.model.ICAE, "forward", patched)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"the gradients are NaN or infinite at step 3; stopped"):
         pretrain(shlex.split(RUN.format(ws=ws, out=out)))
@@ -592,10 +592,10 @@ def test_nan_gradients_stop_before_the_update(ws, tmp_path, monkeypatch):
 def test_non_finite_weights_are_never_saved(ws, tmp_path):
     from transformers import TrainingArguments
 
-    from icae.base_model import load_base_model, load_tokenizer
-    from icae.config import ICAEConfig
-    from icae.model import ICAE
-    from icae.trainer import ICAETrainer, TrainingDiverged
+    from icae.core.base_model import load_base_model, load_tokenizer
+    from icae.core.config import ICAEConfig
+    from icae.core.model import ICAE
+    from icae.training.trainer import ICAETrainer, TrainingDiverged
 
     model_dir = str(ws / "tiny")
     model = ICAE(ICAEConfig(model_name_or_path=model_dir, lora_r=4, fixed_mem_size=4),

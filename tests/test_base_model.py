@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from icae import base_model
-from icae.base_model import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_model
+from icae.core import base_model
+from icae.core.base_model import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_model
 from icae.errors import UserError
 
 

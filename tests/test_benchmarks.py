@@ -99,7 +99,7 @@ def test_cuda_is_refused_without_a_gpu(bench):
 
 
 def test_segments_match_the_collator(bench):
-    from icae.positions import segment_spans
+    from icae.core.positions import segment_spans
 
     for length in (1, 70, 511, 512, 513, 2000):
         assert bench.segments(length, 128, 4) == [n for _, n in segment_spans(length, 128, 4)]

@@ -2,7 +2,7 @@
 
 import json
 
-from icae.demo import main as demo
+from icae.recipes.demo import main as demo
 from icae.testing import save_tiny_model
 
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icae import metrics
-from icae.collate import collate
+from icae.core import metrics
+from icae.core.collate import collate
 from icae.errors import UserError
-from icae.evaluate import ROWS, evaluate, load_eval_texts, main
-from icae.examples import ae_example
-from icae.inference import token_ids
+from icae.recipes.evaluate import ROWS, evaluate, load_eval_texts, main
+from icae.core.examples import ae_example
+from icae.core.inference import token_ids
 from test_inference import one_thread  # noqa: F401  (the fixture, used by every test here)
 from test_inference import TEXTS, save_sharp_base_model, sharp_base_model, train_memorised_model
 
@@ -104,11 +104,11 @@ def test_evaluate_on_memorised_texts(memorised):
 
 
 def test_builtin_eval_split_is_what_pretrain_holds_out(monkeypatch):
-    import icae.texts
-    from icae.pretrain import DataArguments, load_splits
+    import icae.data.texts
+    from icae.recipes.pretrain import DataArguments, load_splits
 
     corpus = [f"text {i}" for i in range(1445)]
-    monkeypatch.setattr(icae.texts, "load_texts", lambda source, min_chars=0: corpus)
+    monkeypatch.setattr(icae.data.texts, "load_texts", lambda source, min_chars=0: corpus)
     assert load_eval_texts("builtin:python-docs") == corpus[:72] == load_splits(DataArguments())[1]
     assert load_eval_texts("some_file.json") == corpus
 

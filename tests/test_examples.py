@@ -5,7 +5,7 @@ import random
 import pytest
 
 from icae.errors import UserError
-from icae.examples import ExampleConfig, build_examples, pretrain_example, text_extraction
+from icae.core.examples import ExampleConfig, build_examples, pretrain_example, text_extraction
 
 EOS = 999
 

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 
-from icae.collate import collate
-from icae.config import ICAEConfig
+from icae.core.collate import collate
+from icae.core.config import ICAEConfig
 from icae.errors import UserError
-from icae.examples import ae_example
-from icae.inference import compress, generate, generate_ids, load_memory, reconstruct, save_memory, token_ids
-from icae.model import ICAE
+from icae.core.examples import ae_example
+from icae.core.inference import compress, generate, generate_ids, load_memory, reconstruct, save_memory, token_ids
+from icae.core.model import ICAE
 from icae.testing import byte_tokenizer, tiny_base_model
 
 TEXTS = ["the cat sat down", "red fox ran far", "we eat hot soup", "big dogs bark"]  # 13-16 bytes: one segment
@@ -242,7 +242,7 @@ def test_default_layout_needs_no_lengths():
 
 def run_cli(command, *args):
     """`icae COMMAND ...` in this process (the subprocess path is covered by test_evaluate)."""
-    from icae.inference import main
+    from icae.core.inference import main
 
     return main([str(a) for a in args], command=command)
 

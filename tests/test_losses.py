@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from icae import losses
+from icae.core import losses
 
 
 def plain(hidden, weight, targets, bias=None):

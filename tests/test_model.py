@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from icae.collate import collate, encoder_rows
-from icae.config import ICAEConfig
+from icae.core.collate import collate, encoder_rows
+from icae.core.config import ICAEConfig
 from icae.errors import UserError
-from icae.model import ICAE
-from icae.positions import LAYOUTS, encoder_positions, segment_spans
+from icae.core.model import ICAE
+from icae.core.positions import LAYOUTS, encoder_positions, segment_spans
 from icae.testing import tiny_base_model
 
 M, R, V = 4, 2, 259  # 4 memory tokens per segment, rate 2: segments of up to 8 tokens
@@ -172,7 +172,7 @@ def test_encoder_computes_no_vocabulary_logits_and_decoder_only_at_labels(monkey
     model = make_model()
     calls, head, linear = [], model.base.get_output_embeddings().weight, torch.nn.functional.linear
 
-    def counting_linear(x, weight, bias=None):  # every vocabulary projection, by module or by icae.losses
+    def counting_linear(x, weight, bias=None):  # every vocabulary projection, by module or by icae.core.losses
         if weight is head:
             calls.append(x.shape[0])
         return linear(x, weight, bias)

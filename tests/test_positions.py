@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from icae.positions import decoder_positions, encoder_positions, memory_positions, segment_spans, slot_positions
+from icae.core.positions import decoder_positions, encoder_positions, memory_positions, segment_spans, slot_positions
 
 
 def test_segments_example():

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from icae.errors import UserError
-from icae.pretrain import main as pretrain
+from icae.recipes.pretrain import main as pretrain
 from icae.testing import save_tiny_model
 
 SEED_COMMON = (
@@ -73,7 +73,7 @@ def test_seed_command_lines(workspace, run):
 
 
 def test_seed_lines_without_the_decoder_flag_get_icae_v2s_frozen_decoder():
-    from icae.pretrain import parse_args
+    from icae.recipes.pretrain import parse_args
 
     for run in SEED_RUNS.values():
         model_args, _, _ = parse_args(shlex.split(f"{SEED_COMMON} {run} --output_dir /tmp/x"))
@@ -198,10 +198,10 @@ def test_tensorboard_gets_the_same_losses_as_metrics_jsonl(workspace, tmp_path):
 
 
 def test_missing_reporting_package_is_named_before_anything_loads(workspace, tmp_path, monkeypatch):
-    import icae.pretrain
+    import icae.recipes.pretrain
 
     root, model = workspace
-    monkeypatch.setitem(icae.pretrain.REPORT_PACKAGES, "wandb", "no_such_package_for_icae_tests")
+    monkeypatch.setitem(icae.recipes.pretrain.REPORT_PACKAGES, "wandb", "no_such_package_for_icae_tests")
     out = tmp_path / "never"
     with pytest.raises(UserError, match=r"--report_to wandb needs .*pip install 'icae\[wandb\]'"):
         pretrain(_short_run(root, model, out, "wandb"))

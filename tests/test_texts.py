@@ -8,9 +8,9 @@ import warnings
 import pytest
 
 from icae.errors import UserError
-from icae.texts import BUILTIN_PYTHON_DOCS, builtin_python_docs, load_texts, split_train_eval
+from icae.data.texts import BUILTIN_PYTHON_DOCS, builtin_python_docs, load_texts, split_train_eval
 
-CORPUS_SHA = "import hashlib; from icae.texts import builtin_python_docs as b; " \
+CORPUS_SHA = "import hashlib; from icae.data.texts import builtin_python_docs as b; " \
     "print(hashlib.sha256('\\0'.join(b()).encode()).hexdigest())"
 
 
@@ -159,7 +159,7 @@ def test_split_train_eval_takes_eval_first():
 
 
 def test_default_eval_split_is_proportional_and_capped():
-    from icae.texts import default_eval_size
+    from icae.data.texts import default_eval_size
 
     assert [default_eval_size(n) for n in (1, 2, 19, 100, 1445, 20_000, 10**6)] == [1, 1, 1, 5, 72, 1000, 1000]
 
@@ -167,7 +167,7 @@ def test_default_eval_split_is_proportional_and_capped():
 def test_pretrain_splits_print_sizes_and_keep_an_explicit_eval_size(tmp_path, capsys):
     import json
 
-    from icae.pretrain import DataArguments, load_splits
+    from icae.recipes.pretrain import DataArguments, load_splits
 
     path = tmp_path / "texts.json"
     path.write_text(json.dumps([f"text number {i}" for i in range(100)]))

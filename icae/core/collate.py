@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from icae.positions import decoder_positions, encoder_positions, segment_spans
+from icae.core.positions import decoder_positions, encoder_positions, segment_spans
 
 SPECIAL_INDEX = {"ae": 0, "lm": 1, "ft": 2}  # row m + k of the memory embedding table
 IGNORE = -100

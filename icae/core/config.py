@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from icae.errors import UserError
-from icae.positions import LAYOUTS
+from icae.core.positions import LAYOUTS
 
 DECODER_MODES = ("frozen", "shared", "separate")
 CONFIG_NAME = "icae_config.json"

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from icae.collate import encoder_rows, special_token_id
+from icae.core.collate import encoder_rows, special_token_id
 from icae.errors import UserError
-from icae.positions import decoder_positions, segment_spans
+from icae.core.positions import decoder_positions, segment_spans
 
 SLOTS_FORMAT = "icae-slots-v1"
 
@@ -254,7 +254,7 @@ def generate_ids(
 def reconstruction_scores(model, texts: list[list[int]], batch_size: int = 8) -> dict:
     """Greedy [AE] reconstruction of token-id texts (up to each length + 1), scored against them:
     token accuracy, exact match (token lists) and BLEU-4 (decoded texts)."""
-    from icae import metrics
+    from icae.core import metrics
 
     slots, lengths = compress(model, texts, batch_size=batch_size, return_lengths=True)
     hyps = generate_ids(model, slots, lengths, "ae", max_new_tokens=[n + 1 for n in lengths], batch_size=batch_size)
@@ -368,7 +368,7 @@ def check_memory_config(saved: dict, config, path) -> None:
 
 def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto"):
     """An ICAE from a checkpoint folder, on the GPU when there is one, in eval mode."""
-    from icae.model import ICAE
+    from icae.core.model import ICAE
 
     if not Path(checkpoint).is_dir():
         raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain`")
@@ -424,7 +424,7 @@ def main(argv: list[str], command: str = "compress") -> int:
         if args.text is not None:
             texts = [args.text]
         else:
-            from icae.texts import load_texts
+            from icae.data.texts import load_texts
 
             texts = load_texts(args.file)
         model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)

@@ -6,7 +6,7 @@ Decoder: the same weights read `[slots, special token, targets]`, with the adapt
 disabled (`frozen`), enabled (`shared`), or a second adapter (`separate`). There is only ever
 one copy of the base weights.
 
-Batches come from `icae.collate`; position ids and an attention mask are always passed
+Batches come from `icae.core.collate`; position ids and an attention mask are always passed
 explicitly (transformers 5 reads position ids without a mask as packed sequences).
 """
 
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from icae.collate import IGNORE, Collator
-from icae.config import ICAEConfig
+from icae.core.collate import IGNORE, Collator
+from icae.core.config import ICAEConfig
 from icae.errors import UserError
-from icae.losses import linear_cross_entropy
+from icae.core.losses import linear_cross_entropy
 
 WEIGHTS_NAME = "icae_weights.safetensors"
 ENCODER_ADAPTER, DECODER_ADAPTER = "default", "decoder"
@@ -61,7 +61,7 @@ class ICAE(nn.Module):
 
         self.config = config.validate()
         if base_model is None:
-            from icae.base_model import load_base_model, load_tokenizer
+            from icae.core.base_model import load_base_model, load_tokenizer
 
             base_model = load_base_model(config.model_name_or_path)
             tokenizer = tokenizer or load_tokenizer(config.model_name_or_path)
@@ -221,7 +221,7 @@ class ICAE(nn.Module):
         targets = labels[:, 1:]
         is_target = targets != IGNORE
         head = self.base.get_output_embeddings()
-        # only where there are labels, and never the whole logit tensor at once (icae.losses)
+        # only where there are labels, and never the whole logit tensor at once (icae.core.losses)
         token_loss = linear_cross_entropy(hidden[:, :-1][is_target], head.weight, targets[is_target], head.bias)
         rows = is_target.nonzero()[:, 0]
         count = is_target.sum(1)
@@ -322,22 +322,22 @@ class ICAE(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())
 
-    # ------------------------------------------------------------------ use (implemented in icae.inference)
+    # ------------------------------------------------------------------ use (implemented in icae.core.inference)
 
     def compress(self, texts, **kwargs):
         """Memory slots per text: a list of (n_segments * m, hidden) tensors."""
-        from icae.inference import compress
+        from icae.core.inference import compress
 
         return compress(self, texts, **kwargs)
 
     def reconstruct(self, memory, **kwargs):
         """Texts decoded from memory slots with the [AE] task."""
-        from icae.inference import reconstruct
+        from icae.core.inference import reconstruct
 
         return reconstruct(self, memory, **kwargs)
 
     def generate(self, memory, prompt=None, **kwargs):
         """Continuations of the compressed texts ([LM]), or answers to a prompt ([FT])."""
-        from icae.inference import generate
+        from icae.core.inference import generate
 
         return generate(self, memory, prompt=prompt, **kwargs)

@@ -55,7 +55,7 @@ def stream_hub_texts(name: str, split: str, column: str, min_chars: int, max_doc
 
 def prepare(source: str, output_dir: str | Path, split: str = "train", column: str = "text", min_chars: int = 4096,
             max_docs: int | None = None, eval_size: int = 1000, max_chars: int = 4096, force: bool = False) -> dict:
-    from icae.texts import load_texts
+    from icae.data.texts import load_texts
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def tokenize_texts(
     """Token ids of each text without special tokens, cut to `max_length` (the seed's truncation)."""
     path = None
     if cache:
-        from icae.base_model import cache_dir
+        from icae.core.base_model import cache_dir
 
         path = cache_dir() / "tokenized" / f"{_cache_key(texts, tokenizer, max_length)}.json"
         if path.is_file():

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     if args.dry_run:
         return 0
     (root / "ablation_status.json").write_text(json.dumps(status, indent=2) + "\n")
-    from icae.report import write_report
+    from icae.recipes.report import write_report
 
     done = [str(root / n) for n, s in status.items() if s in ("ok", "skipped")]
     if done:

@@ -33,18 +33,18 @@ def main(argv: list[str]) -> int:
     args, extra = parser.parse_known_args(argv)
     out = Path(args.output_dir)
 
-    from icae.pretrain import main as pretrain
-    from icae.report import write_report
+    from icae.recipes.pretrain import main as pretrain
+    from icae.recipes.report import write_report
 
     start = time.time()
     print(f"== icae demo: pretraining the embedded model on builtin:python-docs -> {out}", flush=True)
     pretrain([*DEMO_FLAGS, "--output_dir", str(out), *extra])
     train_seconds = time.time() - start
 
-    from icae.evaluate import evaluate, format_table
-    from icae.inference import compress, reconstruct
-    from icae.model import ICAE
-    from icae.pretrain import DataArguments, load_splits
+    from icae.recipes.evaluate import evaluate, format_table
+    from icae.core.inference import compress, reconstruct
+    from icae.core.model import ICAE
+    from icae.recipes.pretrain import DataArguments, load_splits
 
     write_report([str(out)], out / "loss")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

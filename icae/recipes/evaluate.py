@@ -9,7 +9,7 @@ Every text is first cut to `model_max_length` tokens (as in training). Metrics:
   without LoRA, given its memory slots (= exp(lm_loss)), or given nothing. The plain rows start
   with BOS (EOS when there is none), so all three score exactly the same tokens.
 - bleu / exact_match / token_accuracy: greedy reconstruction from the slots, up to each text's
-  length + 1 tokens (icae.metrics says how each is counted).
+  length + 1 tokens (icae.core.metrics says how each is counted).
 - wall_time_s: the evaluation itself, without loading the model.
 """
 
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from icae import metrics
-from icae.collate import IGNORE, collate
+from icae.core import metrics
+from icae.core.collate import IGNORE, collate
 from icae.errors import UserError
-from icae.examples import ae_example
-from icae.inference import compress, eos_token_id, eval_mode, generate_ids, load_checkpoint, token_ids
-from icae.losses import linear_cross_entropy
+from icae.core.examples import ae_example
+from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, load_checkpoint, token_ids
+from icae.core.losses import linear_cross_entropy
 
 
 
@@ -178,7 +178,7 @@ def format_table(results: dict) -> str:
 
 def load_eval_texts(source: str) -> list[str]:
     """A file is the eval set as it is; the built-in corpus contributes its eval split only."""
-    from icae.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
 
     texts = load_texts(source)
     return split_train_eval(texts, default_eval_size(len(texts)))[1] if source == BUILTIN_PYTHON_DOCS else texts

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from icae.config import ICAEConfig
+from icae.core.config import ICAEConfig
 from icae.errors import UserError
-from icae.examples import ExampleConfig
+from icae.core.examples import ExampleConfig
 
 # ----------------------------------------------------------------------------- arguments
 
@@ -150,7 +150,7 @@ def resolve_output_dir(args: PretrainArguments) -> Path | None:
     Only complete checkpoints count (marker present, weights file whole): a folder half-written
     when a process died is never taken as the latest.
     """
-    from icae.trainer import is_complete_checkpoint, last_complete_checkpoint
+    from icae.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
@@ -225,7 +225,7 @@ def setup_wandb(args: PretrainArguments, out: Path) -> None:
 
 
 def load_splits(data_args: DataArguments, verbose: bool = False) -> tuple[list[str], list[str]]:
-    from icae.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
 
     source = data_args.train_file or BUILTIN_PYTHON_DOCS
     texts = load_texts(source, min_chars=data_args.min_chars)
@@ -253,8 +253,8 @@ def check_model(config: ICAEConfig):
     file is converted once) but no weights are loaded. Unknown LoRA targets fail here."""
     import torch
 
-    from icae.base_model import load_model_config
-    from icae.model import ICAE
+    from icae.core.base_model import load_model_config
+    from icae.core.model import ICAE
 
     base_config = load_model_config(config.model_name_or_path)
     from transformers import AutoModelForCausalLM
@@ -278,8 +278,8 @@ def check_checkpoint_fits(checkpoint: Path, model, flag: str, fix: str) -> None:
     meta-device ICAE of this run): another base model, or other LoRA targets, rank, mode or m."""
     from safetensors import safe_open
 
-    from icae.base_model import safetensors_problem
-    from icae.model import WEIGHTS_NAME
+    from icae.core.base_model import safetensors_problem
+    from icae.core.model import WEIGHTS_NAME
 
     if not checkpoint.is_dir():
         raise UserError(
@@ -325,7 +325,7 @@ def tidy_checkpoints(out: Path, resume: Path | None) -> None:
     """Before a resumed run: drop incomplete checkpoint folders (saves cut short) and, when resuming
     from an older checkpoint of this output_dir, the newer ones whose steps this run redoes. Else a
     stale folder could be taken as the latest, or `--save_total_limit` could keep it over a good one."""
-    from icae.trainer import checkpoint_step, complete_checkpoints, incomplete_checkpoints, remove_checkpoint
+    from icae.training.trainer import checkpoint_step, complete_checkpoints, incomplete_checkpoints, remove_checkpoint
 
     for path in incomplete_checkpoints(out):
         print(f"note: removing {path}: an incomplete checkpoint (its save was cut short)", file=sys.stderr)
@@ -344,8 +344,8 @@ def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed:
     often as `examples_needed` (max_steps x batch) requires, with a fresh window each time."""
     import math
 
-    from icae.data import tokenize_texts
-    from icae.examples import ExampleDataset, build_examples
+    from icae.data.tokens import tokenize_texts
+    from icae.core.examples import ExampleDataset, build_examples
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, which the AE target needs; use a model whose tokenizer has one")
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     check_reporting(args)
     resume = resolve_output_dir(args)
 
-    from icae.base_model import resolve_model
+    from icae.core.base_model import resolve_model
 
     resolve_model(config.model_name_or_path, convert=False)  # a missing model fails before the data loads
     train_texts, eval_texts = load_splits(data_args, verbose=args.should_log)
@@ -402,9 +402,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from transformers import set_seed
 
-    from icae.base_model import load_base_model, load_tokenizer
-    from icae.model import ICAE
-    from icae.trainer import ICAETrainer, MetricsFileCallback, describe_model
+    from icae.core.base_model import load_base_model, load_tokenizer
+    from icae.core.model import ICAE
+    from icae.training.trainer import ICAETrainer, MetricsFileCallback, describe_model
 
     # 2. Side effects on output_dir, now that the run is known to be able to start.
     if args.disable_datasets_cache:

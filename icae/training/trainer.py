@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from icae.base_model import safetensors_problem
+from icae.core.base_model import safetensors_problem
 from icae.errors import UserError
-from icae.model import ICAE, WEIGHTS_NAME
+from icae.core.model import ICAE, WEIGHTS_NAME
 
 COMPLETE_MARKER = "COMPLETE"
 METRICS_FILE = "metrics.jsonl"
@@ -122,7 +122,7 @@ class ICAETrainer(Trainer):
         n = getattr(self.args, "eval_reconstruction_samples", 0) or 0
         dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
         if n > 0 and dataset is not None and self.is_world_process_zero():
-            from icae.inference import reconstruction_scores
+            from icae.core.inference import reconstruction_scores
 
             model = self.accelerator.unwrap_model(self.model)
             texts = [list(dataset[i]["input_ids"]) for i in range(min(n, len(dataset)))]
