@@ -34,7 +34,7 @@ COMMANDS = {
     "compress": ("icae.core.inference", "compress text into memory slots (safetensors)"),
     "reconstruct": ("icae.core.inference", "reconstruct text from memory slots"),
     "generate": ("icae.core.inference", "continue text from memory slots"),
-    "layout": ("icae.core.positions", "print the position ids a layout assigns, as JSON"),
+    "layout": ("icae.recipes.layout", "print the position ids a layout assigns, as JSON"),
     "ablate": ("icae.recipes.ablate", "run the seed's ablation grid"),
     "report": ("icae.recipes.report", "plot and tabulate finished runs"),
     "demo": ("icae.recipes.demo", "short pretraining + evaluation on the embedded model and corpus"),
