@@ -13,4 +13,8 @@ def __getattr__(name):
         from icae.core.config import ICAEConfig
 
         return ICAEConfig
+    if name == "Memory":
+        from icae.core.memory import Memory
+
+        return Memory
     raise AttributeError(name)

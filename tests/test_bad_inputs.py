@@ -206,13 +206,13 @@ CASES = {
     "restore-not-a-checkpoint": Case(
         TINY + " --restore_from {ws}/tiny", r"tiny is not an ICAE checkpoint: icae_config.json is missing; pass the"
     ),
-    # other commands' checkpoints (their CLIs belong to icae.recipes.evaluate / icae.core.inference)
+    # other commands' checkpoints (their CLIs belong to icae.recipes.evaluate / icae.recipes.use)
     "eval-missing-checkpoint": Case(
         "eval --checkpoint {ws}/nonexistent", r"nonexistent", whole=True, needs="icae.recipes.evaluate"
     ),
     "compress-missing-checkpoint": Case(
         "compress --checkpoint {ws}/nonexistent --text hi -o {out}/x.safetensors", r"nonexistent", whole=True,
-        needs="icae.core.inference",
+        needs="icae.recipes.use",
     ),
 }
 
@@ -234,7 +234,7 @@ FORK_SERVER = textwrap.dedent("""
     import json, os, sys, traceback
     jobs, workers = json.load(open(sys.argv[1])), int(sys.argv[2])
     import icae.cli, icae.recipes.pretrain, icae.training.trainer, icae.data.texts  # the slow imports, once, before any fork
-    for optional in ("icae.recipes.evaluate", "icae.core.inference"):
+    for optional in ("icae.recipes.evaluate", "icae.recipes.use"):
         try:
             __import__(optional)
         except ImportError:

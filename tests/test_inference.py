@@ -1,4 +1,5 @@
-"""Compress / reconstruct / generate on tiny models: exact recall after training, cache and batch equivalence."""
+"""Compress / reconstruct / generate on tiny models: exact recall after training, cache and batch equivalence,
+and the Memory they pass between them (in memory and as a slots file)."""
 
 import json
 import pytest
@@ -8,7 +9,8 @@ from icae.core.collate import collate
 from icae.core.config import ICAEConfig
 from icae.errors import UserError
 from icae.core.examples import ae_example
-from icae.core.inference import compress, generate, generate_ids, load_memory, reconstruct, save_memory, token_ids
+from icae.core.inference import compress, generate, generate_ids, reconstruct, token_ids
+from icae.core.memory import Memory
 from icae.core.model import ICAE
 from icae.testing import byte_tokenizer, tiny_base_model
 
@@ -95,15 +97,17 @@ PROMPTS = ["Q?", "what is it", ""]
 
 def test_compress_shapes_and_multispan():
     model = random_model("epl", "shared")
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
-    assert lengths == [3, 8, 13]
-    assert [tuple(s.shape) for s in slots] == [(4, 64), (4, 64), (8, 64)]
-    assert not any(s.requires_grad for s in slots)
-    one_by_one = [compress(model, [t], batch_size=1)[0] for t in GEN_TEXTS]
-    for a, b in zip(slots, one_by_one):
+    memory = compress(model, GEN_TEXTS)
+    assert isinstance(memory, Memory) and len(memory) == 3
+    assert memory.text_lengths == [3, 8, 13]
+    assert [tuple(s.shape) for s in memory.slots] == [(4, 64), (4, 64), (8, 64)] and memory.num_slots == 16
+    assert memory.config == model.config.to_dict()
+    assert not any(s.requires_grad for s in memory.slots)
+    one_by_one = [compress(model, [t], batch_size=1).slots[0] for t in GEN_TEXTS]
+    for a, b in zip(memory.slots, one_by_one):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     by_ids = compress(model, token_ids(model.tokenizer, GEN_TEXTS), batch_size=2)
-    for a, b in zip(slots, by_ids):
+    for a, b in zip(memory.slots, by_ids.slots):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -119,44 +123,102 @@ def test_compress_rejects_empty_text_and_keeps_train_mode():
 
 
 def test_memorised_texts_are_reconstructed_exactly(memorised):
-    slots, lengths = memorised.compress(TEXTS, return_lengths=True)
-    assert all(s.shape[0] == 8 for s in slots), "one segment each"
-    assert memorised.reconstruct(slots, text_lengths=lengths) == TEXTS
+    memory = memorised.compress(TEXTS)
+    assert all(s.shape[0] == 8 for s in memory.slots), "one segment each"
+    assert memorised.reconstruct(memory) == TEXTS
     # the slots carry the text: swapping them swaps the reconstructions
-    assert reconstruct(memorised, slots[::-1], lengths[::-1]) == TEXTS[::-1]
+    assert reconstruct(memorised, memory[::-1]) == TEXTS[::-1]
     # one text per decoder batch gives the same
-    assert reconstruct(memorised, slots[:1], text_lengths=lengths[:1], batch_size=1) == TEXTS[:1]
+    assert reconstruct(memorised, memory[:1], batch_size=1) == TEXTS[:1]
 
 
 def test_epl_needs_text_lengths_and_checks_them(memorised):
-    slots = compress(memorised, TEXTS[:2])
+    memory = compress(memorised, TEXTS[:2])
+    slots = memory.slots  # the plain list of slot tensors, without the lengths
     with pytest.raises(UserError, match="text_lengths"):
         reconstruct(memorised, slots)
     with pytest.raises(UserError, match="do not belong"):
         reconstruct(memorised, slots, text_lengths=[40, 15])
+    with pytest.raises(UserError, match="do not belong"):
+        reconstruct(memorised, Memory(slots, [40, 15], memory.config))
     with pytest.raises(UserError, match="shape"):
         reconstruct(memorised, [torch.zeros(5, 64)], text_lengths=[4])
+    with pytest.raises(UserError, match="own text lengths"):
+        reconstruct(memorised, memory, text_lengths=memory.text_lengths)
 
 
 def test_save_load_gives_identical_slots(memorised, tmp_path):
     memorised.save_pretrained(tmp_path / "ckpt")
     loaded = ICAE.from_pretrained(tmp_path / "ckpt", base_model=sharp_base_model(), tokenizer=byte_tokenizer()).eval()
-    before, lengths = compress(memorised, TEXTS, return_lengths=True)
+    before = compress(memorised, TEXTS)
     after = compress(loaded, TEXTS)
-    for a, b in zip(before, after):
+    for a, b in zip(before.slots, after.slots):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-    assert reconstruct(loaded, after, lengths) == TEXTS
+    assert reconstruct(loaded, before) == TEXTS
 
 
 def test_slots_file_round_trip(memorised, tmp_path):
-    slots, lengths = compress(memorised, TEXTS, return_lengths=True)
-    save_memory(tmp_path / "s.safetensors", slots, lengths, memorised.config)
-    loaded, loaded_lengths, config = load_memory(tmp_path / "s.safetensors")
-    assert loaded_lengths == lengths and config["position_layout"] == "epl"
-    for a, b in zip(slots, loaded):
+    memory = compress(memorised, TEXTS)
+    memory.save(tmp_path / "s.safetensors")
+    loaded = Memory.load(tmp_path / "s.safetensors")
+    assert loaded == memory and loaded.source == str(tmp_path / "s.safetensors")
+    assert loaded.text_lengths == memory.text_lengths and loaded.config["position_layout"] == "epl"
+    for a, b in zip(memory.slots, loaded.slots):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert reconstruct(memorised, loaded) == TEXTS
     with pytest.raises(UserError, match="does not exist"):
-        load_memory(tmp_path / "missing.safetensors")
+        Memory.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="cannot read"):
+        Memory.load(tmp_path / "junk.safetensors")
+
+
+def test_slots_file_format_is_unchanged(memorised, tmp_path):
+    """A file in the "icae-slots-v1" layout written without Memory (as `icae compress` always wrote it) loads."""
+    from safetensors.torch import load_file, save_file
+
+    memory = compress(memorised, TEXTS[:2])
+    tensors = {"slots.0": memory.slots[0].contiguous(), "slots.1": memory.slots[1].contiguous(),
+               "text_lengths": torch.tensor(memory.text_lengths)}
+    metadata = {"format": "icae-slots-v1", "icae_config": json.dumps(memorised.config.to_dict())}
+    save_file(tensors, str(tmp_path / "v1.safetensors"), metadata=metadata)
+    assert Memory.load(tmp_path / "v1.safetensors") == memory
+    memory.save(tmp_path / "new.safetensors")
+    assert load_file(str(tmp_path / "new.safetensors")).keys() == tensors.keys()
+    assert reconstruct(memorised, Memory.load(tmp_path / "v1.safetensors")) == TEXTS[:2]
+
+
+def test_memory_of_another_model_is_refused(memorised):
+    other = random_model("epl", "shared")  # m = 4, r = 2: memorised has m = 8
+    memory = compress(other, ["abc"])
+    memory.check_fits(other.config)
+    memory.check_fits(other.config.to_dict())
+    for use in (reconstruct, generate, lambda model, m: generate_ids(model, m)):
+        with pytest.raises(UserError, match="this memory was compressed by another model .*fixed_mem_size 4 vs 8"):
+            use(memorised, memory)
+
+
+def test_memory_indexes_like_a_list_of_texts():
+    model = random_model("epl", "shared")
+    memory = compress(model, GEN_TEXTS)
+    assert [m.text_lengths for m in memory] == [[3], [8], [13]]
+    assert memory[-1].text_lengths == [13] and memory[-1].slots[0] is memory.slots[2]
+    assert memory[1:].text_lengths == [8, 13] and memory[1:].config == memory.config
+    assert generate_ids(model, memory[1:], max_new_tokens=4) == generate_ids(model, memory, max_new_tokens=4)[1:]
+    with pytest.raises(IndexError):
+        memory[3]
+    with pytest.raises(UserError, match="one length per"):
+        Memory(memory.slots, [3, 8], memory.config)
+
+
+def test_the_two_list_form_still_works():
+    """Callers written before Memory: `return_lengths=True`, and a list of slots plus text_lengths."""
+    model = random_model("epl", "shared")
+    memory = compress(model, GEN_TEXTS)
+    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
+    assert lengths == memory.text_lengths and all(a.equal(b) for a, b in zip(slots, memory.slots))
+    assert reconstruct(model, slots, lengths) == reconstruct(model, memory)
+    assert generate(model, slots, text_lengths=lengths, max_new_tokens=5) == generate(model, memory, max_new_tokens=5)
 
 
 # ----------------------------------------------------------------------------- decoding equivalences
@@ -170,35 +232,35 @@ def distinct_tokens(rows):
 @pytest.mark.parametrize("layout", ["default", "epl"])
 def test_cache_and_batch_equivalence(layout, mode):
     model = random_model(layout, mode)
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
+    memory = compress(model, GEN_TEXTS)
     prompts = token_ids(model.tokenizer, PROMPTS)
     for task, prompt_ids in (("lm", None), ("ft", prompts), ("ae", None)):
         kwargs = dict(task=task, prompt_ids=prompt_ids, max_new_tokens=10)
-        cached = generate_ids(model, slots, lengths, **kwargs)
+        cached = generate_ids(model, memory, **kwargs)
         assert distinct_tokens(cached) > 10, "degenerate outputs would make this test vacuous"
-        assert generate_ids(model, slots, lengths, use_cache=False, **kwargs) == cached
+        assert generate_ids(model, memory, use_cache=False, **kwargs) == cached
         alone = [
-            generate_ids(model, [s], [n], task, None if prompt_ids is None else [prompt_ids[i]], 10, use_cache=False)[0]
-            for i, (s, n) in enumerate(zip(slots, lengths))
+            generate_ids(model, one, None, task, None if prompt_ids is None else [prompt_ids[i]], 10, use_cache=False)[0]
+            for i, one in enumerate(memory)
         ]
         assert alone == cached, task
-        assert generate_ids(model, slots, lengths, batch_size=2, **kwargs) == cached
+        assert generate_ids(model, memory, batch_size=2, **kwargs) == cached
 
 
 @pytest.mark.parametrize("layout", ["default", "epl"])
 def test_generation_follows_the_training_layout(layout):
     """Each generated token is the argmax of a teacher-forced pass over the collated decoder row."""
     model = random_model(layout, "shared")
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
+    memory = compress(model, GEN_TEXTS)
     ids = token_ids(model.tokenizer, GEN_TEXTS)
     prompts = token_ids(model.tokenizer, PROMPTS)
-    answers = generate_ids(model, slots, lengths, "ft", prompts, max_new_tokens=6)
+    answers = generate_ids(model, memory, task="ft", prompt_ids=prompts, max_new_tokens=6)
     c = model.config
     examples = [dict(input_ids=t, task="ft", target_ids=p + a, target_labels=[-100] * len(p) + a)
                 for t, p, a in zip(ids, prompts, answers)]
     batch = collate(examples, layout, c.fixed_mem_size, c.mean_compression_rate, c.vocab_size)
     with torch.no_grad():
-        flat = torch.cat(slots)
+        flat = torch.cat(memory.slots)
         embeds = model.decoder_embeddings(batch["decoder_input_ids"], batch["num_segments"], flat)
         hidden = model.decoder_hidden(embeds, batch["decoder_attention_mask"], batch["decoder_position_ids"])
         logits = model.base.get_output_embeddings()(hidden.last_hidden_state)
@@ -209,30 +271,31 @@ def test_generation_follows_the_training_layout(layout):
 
 def test_generate_text_api_and_sampling():
     model = random_model("epl", "shared")
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
-    greedy = generate(model, slots, max_new_tokens=8, text_lengths=lengths)
+    memory = compress(model, GEN_TEXTS)
+    greedy = generate(model, memory, max_new_tokens=8)
     assert len(greedy) == 3 and all(isinstance(t, str) for t in greedy)
-    assert model.generate(slots, max_new_tokens=8, text_lengths=lengths) == greedy
-    assert generate(model, slots, prompt="Q?", max_new_tokens=8, text_lengths=lengths) != greedy
-    sample = dict(max_new_tokens=12, text_lengths=lengths, do_sample=True, temperature=1.5)
-    a = generate_ids(model, slots, lengths, max_new_tokens=12, do_sample=True, temperature=1.5, seed=3)
-    b = generate_ids(model, slots, lengths, max_new_tokens=12, do_sample=True, temperature=1.5, seed=3, use_cache=False)
-    c = generate_ids(model, slots, lengths, max_new_tokens=12, do_sample=True, temperature=1.5, seed=4)
+    assert model.generate(memory, max_new_tokens=8) == greedy
+    assert generate(model, memory, prompt="Q?", max_new_tokens=8) != greedy
+    sample = dict(max_new_tokens=12, do_sample=True, temperature=1.5)
+    a = generate_ids(model, memory, max_new_tokens=12, do_sample=True, temperature=1.5, seed=3)
+    b = generate_ids(model, memory, max_new_tokens=12, do_sample=True, temperature=1.5, seed=3, use_cache=False)
+    c = generate_ids(model, memory, max_new_tokens=12, do_sample=True, temperature=1.5, seed=4)
     assert a == b and a != c
-    assert generate(model, slots, seed=3, **sample) == generate(model, slots, seed=3, **sample)
-    top1 = generate_ids(model, slots, lengths, max_new_tokens=8, do_sample=True, top_k=1, seed=0)
-    tiny_p = generate_ids(model, slots, lengths, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=0)
-    assert top1 == tiny_p == generate_ids(model, slots, lengths, max_new_tokens=8)
+    assert generate(model, memory, seed=3, **sample) == generate(model, memory, seed=3, **sample)
+    top1 = generate_ids(model, memory, max_new_tokens=8, do_sample=True, top_k=1, seed=0)
+    tiny_p = generate_ids(model, memory, max_new_tokens=8, do_sample=True, top_p=1e-6, seed=0)
+    assert top1 == tiny_p == generate_ids(model, memory, max_new_tokens=8)
     with pytest.raises(UserError, match="prompts"):
-        generate(model, slots, prompt=["a", "b"], text_lengths=lengths)
+        generate(model, memory, prompt=["a", "b"])
     with pytest.raises(UserError, match="temperature"):
-        generate(model, slots, do_sample=True, temperature=0.0, text_lengths=lengths)
+        generate(model, memory, do_sample=True, temperature=0.0)
 
 
 def test_default_layout_needs_no_lengths():
     model = random_model("default", "shared")
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
-    assert generate_ids(model, slots, max_new_tokens=5) == generate_ids(model, slots, lengths, max_new_tokens=5)
+    memory = compress(model, GEN_TEXTS)
+    slots = memory.slots  # a plain list of slot tensors, no lengths
+    assert generate_ids(model, slots, max_new_tokens=5) == generate_ids(model, memory, max_new_tokens=5)
     texts = reconstruct(model, slots)  # up to all the slots can hold (n * m * r + 1 tokens) when the length is unknown
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
@@ -242,7 +305,7 @@ def test_default_layout_needs_no_lengths():
 
 def run_cli(command, *args):
     """`icae COMMAND ...` in this process (the subprocess path is covered by test_evaluate)."""
-    from icae.core.inference import main
+    from icae.recipes.use import main
 
     return main([str(a) for a in args], command=command)
 
@@ -271,7 +334,6 @@ def test_cli_refuses_slots_of_another_model(memorised, tmp_path):
     ckpt = tmp_path / "ckpt"
     memorised.save_pretrained(ckpt)
     other = random_model("epl", "shared")
-    slots, lengths = compress(other, ["abc"], return_lengths=True)
-    save_memory(tmp_path / "other.safetensors", slots, lengths, other.config)
-    with pytest.raises(UserError, match="fixed_mem_size 4 vs 8"):
+    compress(other, ["abc"]).save(tmp_path / "other.safetensors")
+    with pytest.raises(UserError, match="other.safetensors was compressed by another model .*fixed_mem_size 4 vs 8"):
         run_cli("reconstruct", "--checkpoint", ckpt, tmp_path / "other.safetensors")

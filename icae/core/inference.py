@@ -1,11 +1,11 @@
 """Use a trained ICAE: compress texts into memory slots, then reconstruct or continue them.
 
-`compress` returns one (n_segments * m, hidden) tensor of slots per text. Under the `epl`
-layouts the decoder's position ids also depend on the compressed text's token count L (the slots
-sit at the centres of their spans; an [LM]/[FT] token at L), which the slots alone do not tell,
-so `compress(..., return_lengths=True)` also returns the lengths and `reconstruct`/`generate`
-take them as `text_lengths`. The `default` layout needs only the slots. A slots file written by
-`icae compress` stores both.
+`compress` returns a `Memory` (icae.core.memory): one (n_segments * m, hidden) tensor of slots per
+text, and each text's token count L, which the decoder's position ids depend on under the `epl`
+layouts (the slots sit at the centres of their spans; an [LM]/[FT] token at L). `reconstruct`,
+`generate` and `generate_ids` take that Memory; they also still take a plain list of slot tensors
+with `text_lengths` (needed only under `epl`). The functions take the model as their first
+argument and never import it: `ICAE.compress/reconstruct/generate` call them.
 
 Decoding prefills `[slots, special token, prompt]` once and then feeds one token per step with
 a KV cache. Rows of a batch are right-padded, and every new token gets its row's own next
@@ -15,18 +15,14 @@ would alone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 
 from icae.core.collate import encoder_rows, special_token_id
-from icae.errors import UserError
+from icae.core.memory import Memory
 from icae.core.positions import decoder_positions, segment_spans
-
-SLOTS_FORMAT = "icae-slots-v1"
+from icae.errors import UserError
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,12 +68,12 @@ def _batches(items: list, size: int):
 # ----------------------------------------------------------------------------- compress
 
 
-def compress(model, texts, batch_size: int = 8, return_lengths: bool = False):
-    """Memory slots of each text: a list of (n_segments * m, hidden) tensors on the model's device.
+def compress(model, texts, batch_size: int = 8, return_lengths: bool = False) -> Memory:
+    """The Memory of the texts: per text, (n_segments * m, hidden) slots on the model's device and its length.
 
     `texts` are strings or token id lists (one string is taken as a list of one). Texts longer than
-    m * rate tokens are split into segments (multi-span). With `return_lengths=True`, returns
-    `(slots, text_lengths)`: the token counts that `reconstruct`/`generate` need under `epl`.
+    m * rate tokens are split into segments (multi-span). `return_lengths=True` returns the older
+    form `(slots, text_lengths)` instead, for callers written before Memory.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -97,10 +93,21 @@ def compress(model, texts, batch_size: int = 8, return_lengths: bool = False):
             out = model.encode(**{k: v.to(model.device) for k, v in batch.items()})
             slots += [s.flatten(0, 1) for s in out.split(num_segments)]
     lengths = [len(row) for row in ids]
-    return (slots, lengths) if return_lengths else slots
+    memory = Memory(slots, lengths, c.to_dict())
+    return (memory.slots, memory.text_lengths) if return_lengths else memory
 
 
 # ----------------------------------------------------------------------------- decoding
+
+
+def _unpack(model, memory, text_lengths) -> tuple[list[torch.Tensor], list[int] | None]:
+    """(slots, text lengths) of a Memory, checked against the model, or of a list of slot tensors."""
+    if not isinstance(memory, Memory):
+        return list(memory), text_lengths
+    if text_lengths is not None:
+        raise UserError("a Memory carries its own text lengths: pass the Memory without text_lengths")
+    memory.check_fits(model.config)
+    return memory.slots, memory.text_lengths
 
 
 def _resolve_lengths(model, memory: list[torch.Tensor], text_lengths) -> list[int]:
@@ -117,7 +124,7 @@ def _resolve_lengths(model, memory: list[torch.Tensor], text_lengths) -> list[in
         if c.position_layout != "default":
             raise UserError(
                 f"the {c.position_layout} layout needs each compressed text's token count: pass text_lengths "
-                "(from compress(..., return_lengths=True) or a slots file from `icae compress`)"
+                "(or the Memory that compress returns, or a slots file from `icae compress`)"
             )
         return [s.shape[0] // m * m * r for s in memory]  # any length with this many segments will do
     lengths = [int(n) for n in text_lengths]
@@ -194,7 +201,7 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
 
 def generate_ids(
     model,
-    memory: list[torch.Tensor],
+    memory: Memory | list[torch.Tensor],
     text_lengths=None,
     task: str = "lm",
     prompt_ids: list[list[int]] | None = None,
@@ -209,7 +216,7 @@ def generate_ids(
 ) -> list[list[int]]:
     """Token ids the decoder produces after `[slots, [AE]|[LM]|[FT], prompt]`, without the EOS.
 
-    `max_new_tokens` may be one number per memory. The loop over `batch_size` memories at a time
+    `max_new_tokens` may be one number per text. The loop over `batch_size` texts at a time
     is what `reconstruct` and `generate` share.
     """
     if task not in ("ae", "lm", "ft"):
@@ -218,7 +225,7 @@ def generate_ids(
         raise UserError(f"temperature must be positive when sampling (got {temperature}); use greedy decoding instead")
     if not 0.0 < top_p <= 1.0 or top_k < 0:
         raise UserError(f"top_p must be in (0, 1] and top_k at least 0 (got {top_p}, {top_k})")
-    memory = list(memory)
+    memory, text_lengths = _unpack(model, memory, text_lengths)
     lengths = _resolve_lengths(model, memory, text_lengths)
     limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(memory)
     if len(limits) != len(memory) or any(n < 0 for n in limits):
@@ -256,8 +263,9 @@ def reconstruction_scores(model, texts: list[list[int]], batch_size: int = 8) ->
     token accuracy, exact match (token lists) and BLEU-4 (decoded texts)."""
     from icae.core import metrics
 
-    slots, lengths = compress(model, texts, batch_size=batch_size, return_lengths=True)
-    hyps = generate_ids(model, slots, lengths, "ae", max_new_tokens=[n + 1 for n in lengths], batch_size=batch_size)
+    memory = compress(model, texts, batch_size=batch_size)
+    limits = [n + 1 for n in memory.text_lengths]
+    hyps = generate_ids(model, memory, task="ae", max_new_tokens=limits, batch_size=batch_size)
     scores = {"token_accuracy": metrics.token_accuracy(hyps, texts), "exact_match": metrics.exact_match(hyps, texts)}
     if model.tokenizer is not None:
         decode = model.tokenizer.batch_decode
@@ -272,13 +280,14 @@ def _decode(model, ids: list[list[int]]) -> list[str]:
 
 
 def reconstruct(
-    model, memory: list[torch.Tensor], text_lengths=None, max_new_tokens: int | None = None, **gen
+    model, memory: Memory | list[torch.Tensor], text_lengths=None, max_new_tokens: int | None = None, **gen
 ) -> list[str]:
-    """The texts back from their slots (the [AE] task), stopping at EOS.
+    """The texts back from their memory (the [AE] task), stopping at EOS.
 
-    By default at most each text's own length + 1 tokens are generated when `text_lengths` are
-    known, else as many as the slots can hold (n_segments * m * rate) + 1.
+    By default at most each text's own length + 1 tokens are generated when the lengths are
+    known (always, from a Memory), else as many as the slots can hold (n_segments * m * rate) + 1.
     """
+    memory, text_lengths = _unpack(model, memory, text_lengths)
     if max_new_tokens is None:
         if text_lengths is not None:
             max_new_tokens = [int(n) + 1 for n in text_lengths]
@@ -290,7 +299,7 @@ def reconstruct(
 
 def generate(
     model,
-    memory: list[torch.Tensor],
+    memory: Memory | list[torch.Tensor],
     prompt: str | list[str] | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -304,9 +313,9 @@ def generate(
 ) -> list[str]:
     """A continuation of each compressed text ([LM]), or an answer to `prompt` about it ([FT]).
 
-    One prompt string is used for every memory; a list gives one per memory.
+    One prompt string is used for every text; a list gives one per text.
     """
-    memory = list(memory)
+    memory, text_lengths = _unpack(model, memory, text_lengths)
     prompt_ids = None
     if prompt is not None:
         prompts = [prompt] * len(memory) if isinstance(prompt, str) else list(prompt)
@@ -318,131 +327,3 @@ def generate(
         do_sample, temperature, top_p, top_k, seed, use_cache, batch_size,
     )
     return _decode(model, ids)
-
-
-# ----------------------------------------------------------------------------- slots files
-
-
-def save_memory(path: str | Path, memory: list[torch.Tensor], text_lengths: list[int], config) -> None:
-    """One safetensors file: `slots.<i>` per text, `text_lengths`, and the ICAE config as metadata."""
-    from safetensors.torch import save_file
-
-    tensors = {f"slots.{i}": s.detach().cpu().contiguous() for i, s in enumerate(memory)}
-    tensors["text_lengths"] = torch.tensor(list(text_lengths), dtype=torch.long)
-    metadata = {"format": SLOTS_FORMAT, "icae_config": json.dumps(config.to_dict())}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
-
-
-def load_memory(path: str | Path) -> tuple[list[torch.Tensor], list[int], dict]:
-    """(slots per text, text lengths, the config dict of the model that made them)."""
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist; make it with `icae compress ... -o {path}`")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != SLOTS_FORMAT:
-                raise UserError(f"{path} is not a slots file written by `icae compress`")
-            lengths = f.get_tensor("text_lengths").tolist()
-            memory = [f.get_tensor(f"slots.{i}") for i in range(len(lengths))]
-    except UserError:
-        raise
-    except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise UserError(f"cannot read {path} ({err}); make it again with `icae compress`") from None
-    return memory, lengths, json.loads(metadata["icae_config"])
-
-
-def check_memory_config(saved: dict, config, path) -> None:
-    """Slots only mean something to the model that made them: refuse other sizes or layouts."""
-    keys = ("fixed_mem_size", "mean_compression_rate", "position_layout", "hidden_size")
-    wrong = [k for k in keys if saved.get(k) != getattr(config, k)]
-    if wrong:
-        detail = ", ".join(f"{k} {saved.get(k)} vs {getattr(config, k)}" for k in wrong)
-        raise UserError(f"{path} was compressed by another model ({detail}); use the checkpoint it was made with")
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto"):
-    """An ICAE from a checkpoint folder, on the GPU when there is one, in eval mode."""
-    from icae.core.model import ICAE
-
-    if not Path(checkpoint).is_dir():
-        raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain`")
-    model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
-
-
-def _parser(command: str) -> argparse.ArgumentParser:
-    descriptions = {
-        "compress": "Compress texts into memory slots, saved as one safetensors file.",
-        "reconstruct": "Print the texts reconstructed from a slots file (the [AE] task).",
-        "generate": "Print a continuation ([LM]) of each compressed text, or an answer to --prompt ([FT]).",
-    }
-    p = argparse.ArgumentParser(prog=f"icae {command}", description=descriptions[command])
-    p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder (icae_config.json + weights)")
-    p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=8)
-    if command == "compress":
-        source = p.add_mutually_exclusive_group(required=True)
-        source.add_argument("--text", help="one text to compress")
-        source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file or builtin:python-docs")
-        p.add_argument("-o", "--output", required=True, help="slots file to write (.safetensors)")
-        return p
-    p.add_argument("slots", help="slots file written by `icae compress`")
-    p.add_argument("--max_new_tokens", type=int, default=None if command == "reconstruct" else 64)
-    p.add_argument("--json", action="store_true", help="print a JSON list of strings instead of plain text")
-    if command == "generate":
-        p.add_argument("--prompt", default=None, help="a question or instruction about the text ([FT] task)")
-        p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
-        p.add_argument("--temperature", type=float, default=1.0)
-        p.add_argument("--top_p", type=float, default=1.0)
-        p.add_argument("--top_k", type=int, default=0)
-        p.add_argument("--seed", type=int, default=None)
-    return p
-
-
-def _print_texts(texts: list[str], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(texts, ensure_ascii=False))
-        return
-    for text in texts:
-        print(text)
-
-
-def main(argv: list[str], command: str = "compress") -> int:
-    if command not in ("compress", "reconstruct", "generate"):
-        raise ValueError(f"unknown command {command!r}")
-    args = _parser(command).parse_args(argv)
-    if command == "compress":
-        if args.text is not None:
-            texts = [args.text]
-        else:
-            from icae.data.texts import load_texts
-
-            texts = load_texts(args.file)
-        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
-        slots, lengths = compress(model, texts, batch_size=args.batch_size, return_lengths=True)
-        save_memory(args.output, slots, lengths, model.config)
-        n_slots = sum(s.shape[0] for s in slots)
-        print(f"compressed {len(texts)} texts ({sum(lengths)} tokens) into {n_slots} slots: {args.output}")
-        return 0
-    memory, lengths, saved = load_memory(args.slots)
-    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
-    check_memory_config(saved, model.config, args.slots)
-    if command == "reconstruct":
-        texts = reconstruct(model, memory, lengths, args.max_new_tokens, batch_size=args.batch_size)
-    else:
-        texts = generate(
-            model, memory, prompt=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            text_lengths=lengths, batch_size=args.batch_size,
-        )
-    _print_texts(texts, args.json)
-    return 0

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from icae.core import inference
 from icae.core.collate import IGNORE, Collator
 from icae.core.config import ICAEConfig
-from icae.errors import UserError
 from icae.core.losses import linear_cross_entropy
+from icae.errors import UserError
 
 WEIGHTS_NAME = "icae_weights.safetensors"
 ENCODER_ADAPTER, DECODER_ADAPTER = "default", "decoder"
@@ -325,19 +326,23 @@ class ICAE(nn.Module):
     # ------------------------------------------------------------------ use (implemented in icae.core.inference)
 
     def compress(self, texts, **kwargs):
-        """Memory slots per text: a list of (n_segments * m, hidden) tensors."""
-        from icae.core.inference import compress
-
-        return compress(self, texts, **kwargs)
+        """The texts' Memory (icae.core.memory): their slots, (n_segments * m, hidden) per text, and lengths."""
+        return inference.compress(self, texts, **kwargs)
 
     def reconstruct(self, memory, **kwargs):
-        """Texts decoded from memory slots with the [AE] task."""
-        from icae.core.inference import reconstruct
-
-        return reconstruct(self, memory, **kwargs)
+        """Texts decoded from a Memory with the [AE] task."""
+        return inference.reconstruct(self, memory, **kwargs)
 
     def generate(self, memory, prompt=None, **kwargs):
         """Continuations of the compressed texts ([LM]), or answers to a prompt ([FT])."""
-        from icae.core.inference import generate
+        return inference.generate(self, memory, prompt=prompt, **kwargs)
 
-        return generate(self, memory, prompt=prompt, **kwargs)
+
+def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto") -> ICAE:
+    """An ICAE from a checkpoint folder, on the GPU when there is one, in eval mode."""
+    if not Path(checkpoint).is_dir():
+        raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain`")
+    model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()

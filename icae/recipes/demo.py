@@ -59,13 +59,13 @@ def main(argv: list[str]) -> int:
     text = eval_texts[0]
     ids = model.tokenizer(text, add_special_tokens=False)["input_ids"][:64]
     original = model.tokenizer.decode(ids)
-    slots, lengths = compress(model, [ids], return_lengths=True)
-    rebuilt = reconstruct(model, slots, text_lengths=lengths)[0]
+    memory = compress(model, [ids])
+    rebuilt = reconstruct(model, memory)[0]
 
     print(format_table(results))
     print(f"\neval AE loss before training: {evals[0]:.4f}")
     print(f"eval AE loss after training:  {evals[-1]:.4f}")
-    print(f"\n-- original ({len(ids)} tokens -> {slots[0].shape[0]} memory slots):\n{original}")
+    print(f"\n-- original ({len(ids)} tokens -> {memory.num_slots} memory slots):\n{original}")
     print(f"\n-- reconstruction from the memory slots:\n{rebuilt}")
     summary = {
         "eval_ae_loss_before": evals[0], "eval_ae_loss_after": evals[-1], "eval": results,

@@ -27,8 +27,9 @@ from icae.core import metrics
 from icae.core.collate import IGNORE, collate
 from icae.errors import UserError
 from icae.core.examples import ae_example
-from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, load_checkpoint, token_ids
+from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, token_ids
 from icae.core.losses import linear_cross_entropy
+from icae.core.model import load_checkpoint
 
 
 
@@ -66,9 +67,9 @@ def _plain_nll(model, rows: list[tuple[list[int], list[int]]]) -> tuple[float, i
 
 def _reconstruct_ids(model, ids: list[list[int]], max_new_tokens: int | None) -> list[list[int]]:
     """Greedy [AE] decoding of a batch of texts; by default up to each text's length + 1 (EOS)."""
-    slots, lengths = compress(model, ids, batch_size=len(ids), return_lengths=True)
-    limits = [n + 1 for n in lengths] if max_new_tokens is None else max_new_tokens
-    return generate_ids(model, slots, lengths, "ae", max_new_tokens=limits, batch_size=len(ids))
+    memory = compress(model, ids, batch_size=len(ids))
+    limits = [n + 1 for n in memory.text_lengths] if max_new_tokens is None else max_new_tokens
+    return generate_ids(model, memory, task="ae", max_new_tokens=limits, batch_size=len(ids))
 
 
 def evaluate(

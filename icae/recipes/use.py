@@ -1,0 +1,82 @@
+"""`icae compress / reconstruct / generate`: text -> memory slots (a safetensors file) -> text.
+
+The work is done by icae.core.inference; the slots file is a saved `Memory` (icae.core.memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from icae.core.inference import compress, generate, reconstruct
+from icae.core.memory import Memory
+from icae.core.model import load_checkpoint
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    descriptions = {
+        "compress": "Compress texts into memory slots, saved as one safetensors file.",
+        "reconstruct": "Print the texts reconstructed from a slots file (the [AE] task).",
+        "generate": "Print a continuation ([LM]) of each compressed text, or an answer to --prompt ([FT]).",
+    }
+    p = argparse.ArgumentParser(prog=f"icae {command}", description=descriptions[command])
+    p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder (icae_config.json + weights)")
+    p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch_size", type=int, default=8)
+    if command == "compress":
+        source = p.add_mutually_exclusive_group(required=True)
+        source.add_argument("--text", help="one text to compress")
+        source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file or builtin:python-docs")
+        p.add_argument("-o", "--output", required=True, help="slots file to write (.safetensors)")
+        return p
+    p.add_argument("slots", help="slots file written by `icae compress`")
+    p.add_argument("--max_new_tokens", type=int, default=None if command == "reconstruct" else 64)
+    p.add_argument("--json", action="store_true", help="print a JSON list of strings instead of plain text")
+    if command == "generate":
+        p.add_argument("--prompt", default=None, help="a question or instruction about the text ([FT] task)")
+        p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+        p.add_argument("--temperature", type=float, default=1.0)
+        p.add_argument("--top_p", type=float, default=1.0)
+        p.add_argument("--top_k", type=int, default=0)
+        p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _print_texts(texts: list[str], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(texts, ensure_ascii=False))
+        return
+    for text in texts:
+        print(text)
+
+
+def main(argv: list[str], command: str = "compress") -> int:
+    if command not in ("compress", "reconstruct", "generate"):
+        raise ValueError(f"unknown command {command!r}")
+    args = _parser(command).parse_args(argv)
+    if command == "compress":
+        if args.text is not None:
+            texts = [args.text]
+        else:
+            from icae.data.texts import load_texts
+
+            texts = load_texts(args.file)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        memory = compress(model, texts, batch_size=args.batch_size)
+        memory.save(args.output)
+        print(f"compressed {len(texts)} texts ({sum(memory.text_lengths)} tokens) into {memory.num_slots} slots: "
+              f"{args.output}")
+        return 0
+    memory = Memory.load(args.slots)
+    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    if command == "reconstruct":
+        texts = reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    else:
+        texts = generate(
+            model, memory, prompt=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    _print_texts(texts, args.json)
+    return 0
