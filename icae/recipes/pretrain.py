@@ -466,8 +466,3 @@ def main(argv: list[str] | None = None) -> int:
             wandb.finish()
     return 0
 
-
-if __name__ == "__main__":
-    from icae.cli import main as cli_main
-
-    cli_main(["pretrain", *sys.argv[1:]])
