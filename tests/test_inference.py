@@ -204,6 +204,7 @@ def test_memory_indexes_like_a_list_of_texts():
     assert [m.text_lengths for m in memory] == [[3], [8], [13]]
     assert memory[-1].text_lengths == [13] and memory[-1].slots[0] is memory.slots[2]
     assert memory[1:].text_lengths == [8, 13] and memory[1:].config == memory.config
+    assert repr(memory) == "Memory(3 texts, 16 slots of size 64, text_lengths=[3, 8, 13], m=4, r=2, layout=epl)"
     assert generate_ids(model, memory[1:], max_new_tokens=4) == generate_ids(model, memory, max_new_tokens=4)[1:]
     with pytest.raises(IndexError):
         memory[3]

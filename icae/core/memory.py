@@ -62,6 +62,12 @@ class Memory:
         return (self.text_lengths == other.text_lengths and self.config == other.config
                 and all(a.shape == b.shape and torch.equal(a.cpu(), b.cpu()) for a, b in zip(self.slots, other.slots)))
 
+    def __repr__(self) -> str:
+        c = self.config
+        hidden = self.slots[0].shape[-1] if self.slots else c.get("hidden_size")
+        return (f"Memory({len(self)} texts, {self.num_slots} slots of size {hidden}, text_lengths={self.text_lengths}, "
+                f"m={c.get('fixed_mem_size')}, r={c.get('mean_compression_rate')}, layout={c.get('position_layout')})")
+
     @property
     def num_slots(self) -> int:
         """Slots of all texts together."""
