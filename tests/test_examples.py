@@ -93,7 +93,7 @@ def test_contradictory_settings_are_refused(kwargs, message):
 
 
 def test_example_dataset_first_visit_is_todays_examples_and_later_visits_redraw():
-    from icae.examples import ExampleDataset
+    from icae.core.examples import ExampleDataset
 
     texts = [ids(40 + i, i) for i in range(12)]
     cfg = ExampleConfig(model_max_length=16, lm_ratio=0.5, min_tokens_for_lm=4, leave_tokens_for_lm=2)

@@ -209,11 +209,11 @@ def test_missing_reporting_package_is_named_before_anything_loads(workspace, tmp
 
 
 def test_memory_learning_rate_gets_its_own_optimizer_group(workspace, tmp_path):
-    from icae.config import ICAEConfig
-    from icae.model import ICAE
-    from icae.pretrain import PretrainArguments
+    from icae.core.config import ICAEConfig
+    from icae.core.model import ICAE
+    from icae.recipes.pretrain import PretrainArguments
     from icae.testing import byte_tokenizer, tiny_base_model
-    from icae.trainer import ICAETrainer
+    from icae.training.trainer import ICAETrainer
 
     model = ICAE(ICAEConfig(fixed_mem_size=4, lora_r=4), tiny_base_model(), byte_tokenizer())
     memory = {id(p) for p in model.memory_embeddings.parameters()}
@@ -245,8 +245,8 @@ def test_random_windows_and_reconstruction_metrics_during_eval(workspace):
     config = json.loads((out / "icae_config.json").read_text())
     assert config["training"]["text_window"] == "random" and config["training"]["model_max_length"] == 24
     # the logged token accuracy is what `icae eval`'s own reconstruction gives on the same 3 texts
-    from icae.evaluate import evaluate
-    from icae.inference import load_checkpoint
+    from icae.recipes.evaluate import evaluate
+    from icae.core.model import load_checkpoint
 
     trained = load_checkpoint(str(out), device="cpu")
     eval_texts = json.loads((root / "eval.json").read_text())[:3]
