@@ -12,6 +12,22 @@ from icae.core.positions import LAYOUTS
 
 DECODER_MODES = ("frozen", "shared", "separate")
 CONFIG_NAME = "icae_config.json"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # checkpoints that ship inside the package
+
+
+def shipped_checkpoints() -> list[str]:
+    """Names of the checkpoints inside the package (e.g. smollm2-135m-icae)."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / CONFIG_NAME).is_file())
+
+
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A checkpoint folder, or the name of a shipped checkpoint (a folder of that name wins)."""
+    path = Path(name_or_path)
+    if path.is_dir() or str(name_or_path) not in shipped_checkpoints():
+        return path
+    return SHIPPED_DIR / str(name_or_path)
 
 
 @dataclass
@@ -72,11 +88,13 @@ class ICAEConfig:
     @classmethod
     def load(cls, directory: str | Path) -> tuple["ICAEConfig", dict]:
         """The config and the whole JSON (which also records LoRA config and special tokens)."""
-        path = Path(directory) / CONFIG_NAME
+        directory = resolve_checkpoint(directory)
+        path = directory / CONFIG_NAME
         if not path.is_file():
             raise UserError(
                 f"{directory} is not an ICAE checkpoint: {CONFIG_NAME} is missing; pass the output folder of "
-                "`icae pretrain` or one of its checkpoint-N folders"
+                "`icae pretrain`, one of its checkpoint-N folders, or a shipped checkpoint ("
+                + (", ".join(shipped_checkpoints()) or "none installed") + ")"
             )
         try:
             data = json.loads(path.read_text())

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from icae.core import inference
 from icae.core.collate import IGNORE, Collator
-from icae.core.config import ICAEConfig
+from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
 from icae.core.losses import linear_cross_entropy
 from icae.errors import UserError
 
@@ -251,14 +251,23 @@ class ICAE(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if p.requires_grad}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Only what was trained (LoRA + memory embeddings), plus a config to rebuild the rest."""
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
+                        save_tokenizer: bool = True) -> None:
+        """Only what was trained (LoRA + memory embeddings), plus a config to rebuild the rest.
+
+        `dtype` (e.g. torch.float16) stores the weights smaller, as for a checkpoint shipped in the
+        package; loading casts them back to the model's dtype. Without the tokenizer files the
+        base model's tokenizer is used on load.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / f".{WEIGHTS_NAME}.tmp"
-        save_file(self.trainable_state_dict(), str(tmp))
+        state = self.trainable_state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        save_file(state, str(tmp))
         tmp.replace(directory / WEIGHTS_NAME)  # a kill mid-save never leaves a torn weights file
         lora = self.lora_config.to_dict()
         lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
@@ -270,7 +279,7 @@ class ICAE(nn.Module):
             "ft_token_id": self.config.vocab_size + self.config.fixed_mem_size + 2,
         }
         self.config.save(directory, lora_config=lora, special_tokens=special, training=self.training_info)
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and save_tokenizer:
             self.tokenizer.save_pretrained(str(directory))
 
     def load_trainable_weights(self, directory: str | Path) -> None:
@@ -297,6 +306,7 @@ class ICAE(nn.Module):
     def from_pretrained(
         cls, directory: str | Path, model_name_or_path: str | None = None, base_model=None, tokenizer=None, **overrides
     ) -> "ICAE":
+        directory = resolve_checkpoint(directory)
         config, data = ICAEConfig.load(directory)
         expected = (config.hidden_size, config.vocab_size)
         if model_name_or_path:
@@ -339,9 +349,11 @@ class ICAE(nn.Module):
 
 
 def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto") -> ICAE:
-    """An ICAE from a checkpoint folder, on the GPU when there is one, in eval mode."""
-    if not Path(checkpoint).is_dir():
-        raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain`")
+    """An ICAE from a checkpoint folder or a shipped checkpoint's name, on the GPU when there is one, in eval mode."""
+    if not resolve_checkpoint(checkpoint).is_dir():
+        shipped = ", ".join(shipped_checkpoints()) or "none installed"
+        raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain` "
+                        f"or the name of a shipped checkpoint ({shipped})")
     model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -39,9 +39,27 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
+def cumulative_cpu_seconds(records: list[dict]) -> list[float | None]:
+    """CPU seconds since the run began: `cpu_seconds` restarts at 0 in each process of a resumed run."""
+    out, offset, last = [], 0.0, 0.0
+    for r in records:
+        cpu = r.get("cpu_seconds")
+        if cpu is None:
+            out.append(None)
+            continue
+        if cpu < last:  # a new process (resume): continue from where the last one stopped
+            offset += last
+        last = cpu
+        out.append(round(offset + cpu, 1))
+    return out
+
+
 def summarize(run: Path) -> dict:
     """The numbers the table shows for one run."""
     records = read_metrics(run)
+    cpu = cumulative_cpu_seconds(records)
+    accuracy = sorted({r["step"]: (c, r["eval_token_accuracy"], r.get("eval_bleu")) for r, c in zip(records, cpu)
+                       if r.get("eval_token_accuracy") is not None}.items())
     config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
     icae = config.get("icae", {})
     evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
@@ -62,12 +80,16 @@ def summarize(run: Path) -> dict:
         "final_eval_ae_loss": evals[-1][1] if evals else None,
         "first_eval_ae_loss": evals[0][1] if evals else None,
         "eval_bleu4": bleu,
+        "final_eval_token_accuracy": accuracy[-1][1][1] if accuracy else None,
+        "final_eval_bleu": accuracy[-1][1][2] if accuracy else None,
+        "cpu_seconds": max((c for c in cpu if c is not None), default=None),
         "text_tokens_per_second": round(tokens / runtime, 1) if runtime and tokens else None,
         "trainable_params": config.get("trainable_params"),
         "wall_time_s": round(runtime, 1) if runtime else None,
         "steps": final.get("step") or (train[-1][0] if train else 0),
         "eval_curve": evals,
         "train_curve": train,
+        "accuracy_curve": [(step, c, acc) for step, (c, acc, _) in accuracy],  # (step, CPU s, token accuracy)
     }
 
 
@@ -100,15 +122,17 @@ def fmt(value, digits=4):
 
 def markdown(rows: list[dict], groups: list[dict]) -> str:
     lines = [
-        "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | eval BLEU-4 | text tokens/s "
-        "| trainable params | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | BLEU-4 "
+        "| text tokens/s | trainable params | wall time (s) | CPU time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        bleu = r.get("final_eval_bleu") if r.get("final_eval_bleu") is not None else r.get("eval_bleu4")
         lines.append(
             f"| {r['run']} | {r['layout']} | {r['lora_target_modules']} | {r['decoder_mode']} | {fmt(r['seed'])} | "
-            f"{fmt(r['steps'])} | {fmt(r['final_eval_ae_loss'])} | {fmt(r['eval_bleu4'], 2)} | "
-            f"{fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | {fmt(r['wall_time_s'], 0)} |"
+            f"{fmt(r['steps'])} | {fmt(r['final_eval_ae_loss'])} | {fmt(r.get('final_eval_token_accuracy'), 3)} | "
+            f"{fmt(bleu, 2)} | {fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | "
+            f"{fmt(r['wall_time_s'], 0)} | {fmt(r.get('cpu_seconds'), 0)} |"
         )
     lines += ["", "Over seeds (final eval AE loss):", "",
               "| layout | LoRA targets | decoder | seeds | mean | min | max |", "|---|---|---|---|---|---|---|"]
@@ -126,7 +150,9 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(13, 4.8))
+    with_accuracy = any(r.get("accuracy_curve") for r in rows)
+    fig, axes = plt.subplots(1, 3 if with_accuracy else 2, figsize=(19 if with_accuracy else 13, 4.8))
+    ax_eval, ax_train = axes[0], axes[1]
     for r in rows:
         style = "-" if r["layout"] == "epl" else "--"
         if r["eval_curve"]:
@@ -135,6 +161,17 @@ def plot(rows: list[dict], path: Path) -> None:
         if r["train_curve"]:
             steps, losses = zip(*r["train_curve"])
             ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8)
+    if with_accuracy:
+        ax_acc = axes[2]
+        for r in rows:
+            if r.get("accuracy_curve"):
+                _, cpu, acc = zip(*r["accuracy_curve"])
+                ax_acc.plot([c / 3600 if c is not None else None for c in cpu], acc,
+                            "-" if r["layout"] == "epl" else "--", marker="o", markersize=3, label=r["run"])
+        ax_acc.set(title="held-out reconstruction token accuracy (greedy)", xlabel="CPU hours", ylabel="token accuracy",
+                   ylim=(0, 1))
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend(fontsize=7)
     ax_eval.set(title="eval AE loss (lower is better)", xlabel="step", ylabel="loss")
     ax_train.set(title="training loss (AE + LM)", xlabel="step", ylabel="loss")
     for ax in (ax_eval, ax_train):
