@@ -37,6 +37,7 @@ COMMANDS = {
     "layout": ("icae.recipes.layout", "print the position ids a layout assigns, as JSON"),
     "ablate": ("icae.recipes.ablate", "run the seed's ablation grid"),
     "report": ("icae.recipes.report", "plot and tabulate finished runs"),
+    "export": ("icae.recipes.export", "a smaller copy of a checkpoint (float16, no tokenizer) to share or ship"),
     "demo": ("icae.recipes.demo", "short pretraining + evaluation on the embedded model and corpus"),
 }
 

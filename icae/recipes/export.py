@@ -1,0 +1,58 @@
+"""`icae export --checkpoint DIR --output DIR`: a smaller copy of a checkpoint to share or ship.
+
+Weights are stored in `--dtype` (float16 halves an fp32 checkpoint; loading casts them back) and
+without tokenizer files (the base model's tokenizer is used). `icae_config.json` keeps how the
+weights were trained and gains the step they come from and, with `--eval_texts N`, the held-out
+metrics of the exported weights (`icae eval` on the first N texts of the eval split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="icae export", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder to export")
+    p.add_argument("--output", required=True, help="folder to write (e.g. icae/checkpoints/NAME to ship it)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16")
+    p.add_argument("--eval_texts", type=int, default=0, help="evaluate the exported weights on N held-out texts")
+    p.add_argument("--eval_file", default="builtin:python-docs")
+    args = p.parse_args(argv)
+    from icae.core.model import ICAE, load_checkpoint
+    from icae.errors import UserError
+
+    if args.eval_texts < 0:
+        raise UserError(f"--eval_texts must not be negative (got {args.eval_texts})")
+    source = Path(args.checkpoint)
+    model = load_checkpoint(args.checkpoint, device="cpu")
+    info = dict(model.training_info)
+    state = source / "trainer_state.json"
+    if state.is_file():
+        info["steps"] = json.loads(state.read_text()).get("global_step")
+    info["exported_from"] = str(source)
+    out = Path(args.output)
+    model.training_info = info
+    model.save_pretrained(out, dtype=DTYPES[args.dtype], save_tokenizer=False)
+    if args.eval_texts:
+        from icae.recipes.evaluate import evaluate, load_eval_texts
+
+        exported = ICAE.from_pretrained(out).eval()  # the weights as shipped, after the dtype round trip
+        length = int(info.get("model_max_length") or 512)
+        results = evaluate(exported, load_eval_texts(args.eval_file), limit=args.eval_texts, model_max_length=length,
+                           batch_size=16)
+        keys = ("num_texts", "model_max_length", "ae_loss", "token_accuracy", "exact_match", "bleu")
+        info["held_out_metrics"] = {k: results[k] for k in keys}
+        exported.training_info = info
+        exported.save_pretrained(out, dtype=DTYPES[args.dtype], save_tokenizer=False)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported {source} -> {out} ({args.dtype}, {size / 2**20:.1f} MiB)")
+    if "held_out_metrics" in info:
+        print(json.dumps(info["held_out_metrics"], indent=2))
+    return 0
