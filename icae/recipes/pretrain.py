@@ -60,7 +60,7 @@ class DataArguments:
     eval_file: str | None = field(default=None, metadata={"help": "eval texts; default: split off the training source"})
     eval_size: int | None = field(
         default=None, metadata={"help": "the first N texts are the eval split when --eval_file is not given "
-                                "(default: 5% of the texts, at least 1, at most 1,000)"}
+                                "(default: 5%% of the texts, at least 1, at most 1,000)"}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval texts"})
