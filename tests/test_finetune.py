@@ -300,8 +300,8 @@ def test_eval_and_generate_commands(answering, tmp_path, monkeypatch, capsys):
     assert saved["memory"]["exact_match"] == 1.0 and saved["samples"][0]["memory"] == "the"
 
     calls = EncoderCalls(monkeypatch)
-    (tmp_path / "context.txt").write_text(CONTEXTS[1])
-    argv = ["--checkpoint", str(ckpt), "--context", str(tmp_path / "context.txt"), "--prompt", QUESTIONS[0],
+    (tmp_path / "context.md").write_text(CONTEXTS[1])  # any text file is one context, read whole
+    argv = ["--checkpoint", str(ckpt), "--context", str(tmp_path / "context.md"), "--prompt", QUESTIONS[0],
             "--prompt", QUESTIONS[1], "--max_new_tokens", "6", "--device", "cpu"]
     assert use_main(argv, command="generate") == 0
     assert calls.calls == 1
@@ -311,4 +311,6 @@ def test_eval_and_generate_commands(answering, tmp_path, monkeypatch, capsys):
                                                    {"prompt": "second word?", "answers": ["fox"]}]
     with pytest.raises(UserError, match="either a slots file or --context FILE"):
         use_main(["--checkpoint", str(ckpt), "--prompt", "q"], command="generate")
+    with pytest.raises(UserError, match="--context .*nowhere.md does not exist"):
+        use_main(["--checkpoint", str(ckpt), "--context", str(tmp_path / "nowhere.md")], command="generate")
     answering.training_info = {}

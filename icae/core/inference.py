@@ -7,6 +7,9 @@ layouts (the slots sit at the centres of their spans; an [LM]/[FT] token at L). 
 with `text_lengths` (needed only under `epl`). The functions take the model as their first
 argument and never import it: `ICAE.compress/reconstruct/generate` call them.
 
+An [FT] prompt is formatted as fine-tuning formats it (icae.core.qa_examples: the tokenizer's chat
+template when it has one), and one text's memory can answer several prompts without compressing again.
+
 Decoding prefills `[slots, special token, prompt]` once and then feeds one token per step with
 a KV cache. Rows of a batch are right-padded, and every new token gets its row's own next
 position (last real position + 1) and a full attention mask, so a batch gives what each text

@@ -16,8 +16,8 @@ Python sources, read with `ast`, nothing imported), deterministically, offline:
   is the first sentence of its docstring: found only by reading the context;
 - the eval split holds out whole modules (those whose name's SHA-256 is 0 modulo 10, with their
   classes), so no eval context or answer is ever trained on.
-On CPython 3.11 this gives about 2,600 questions over about 800 contexts (`icae finetune` prints the
-counts; README.md has them).
+On CPython 3.11 this gives 2,977 questions about 882 contexts: train 2,624 questions (779 contexts,
+184 modules), eval 353 (103 contexts, 16 modules). Other Python versions give slightly other sets.
 """
 
 from __future__ import annotations

@@ -63,6 +63,21 @@ def _print_texts(texts: list[str], as_json: bool) -> None:
         print(text)
 
 
+def _read_contexts(source: str) -> list[str]:
+    """--context: a .json/.jsonl/.parquet file or a folder of .txt files holds one context per text; any
+    other file (.txt, .md, .py, ...) is one context, read whole."""
+    from pathlib import Path
+
+    from icae.data.texts import _read, load_texts
+
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or path.is_dir() or path.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        return load_texts(source)
+    if not path.is_file():
+        raise UserError(f"--context {source} does not exist; pass a text file")
+    return [_read(path)]
+
+
 def main(argv: list[str], command: str = "compress") -> int:
     if command not in ("compress", "reconstruct", "generate"):
         raise ValueError(f"unknown command {command!r}")
@@ -89,9 +104,7 @@ def main(argv: list[str], command: str = "compress") -> int:
     if (args.slots is None) == (args.context is None):
         raise UserError("icae generate reads either a slots file or --context FILE: give one of them")
     if args.context is not None:
-        from icae.data.texts import load_texts
-
-        texts = load_texts(args.context)  # checked before the model loads
+        texts = _read_contexts(args.context)  # checked before the model loads
         model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
         memory = compress(model, texts, batch_size=args.batch_size)
     else:
