@@ -19,7 +19,8 @@ answers, three ways side by side as in the ICAE paper's tables, all after the sa
   `max_context_length` tokens, multi-span when longer than m*r; each distinct context once);
 - full_context: the base model without LoRA reads `[BOS, context tokens, prompt]`: the text itself
   in place of its slots and [FT];
-- no_context: the base model without LoRA reads `[BOS, prompt]`.
+- no_context: the base model without LoRA reads `[BOS, prompt]` (no second BOS when the prompt part
+  starts with one, as SmolLM2's template does).
 Each is scored by exact match, token F1, ROUGE-1 and ROUGE-L F1 against the reference answers
 (icae.core.metrics). After fine-tuning the memory row should lie between the other two: the slots
 lose some of the text, and the question alone tells little.
