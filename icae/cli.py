@@ -29,11 +29,12 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:
 
 COMMANDS = {
     "pretrain": ("icae.recipes.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
-    "prepare": ("icae.data.prepare", "build train/eval JSON files from a dataset or local files"),
-    "eval": ("icae.recipes.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities"),
+    "finetune": ("icae.recipes.finetune", "instruction fine-tuning: answer prompts about compressed contexts"),
+    "prepare": ("icae.data.prepare", "build train/eval JSON files from a dataset or local files (also PwC)"),
+    "eval": ("icae.recipes.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities; QA (--task qa)"),
     "compress": ("icae.recipes.use", "compress text into memory slots (safetensors)"),
     "reconstruct": ("icae.recipes.use", "reconstruct text from memory slots"),
-    "generate": ("icae.recipes.use", "continue text from memory slots"),
+    "generate": ("icae.recipes.use", "continue text from memory slots, or answer --prompt about it"),
     "layout": ("icae.recipes.layout", "print the position ids a layout assigns, as JSON"),
     "ablate": ("icae.recipes.ablate", "run the seed's ablation grid"),
     "report": ("icae.recipes.report", "plot and tabulate finished runs"),

@@ -4,8 +4,9 @@
 - positions.py   position ids of every layout (pure functions; docs/POSITIONS.md)
 - collate.py     examples -> padded encoder/decoder tensors (pure)
 - examples.py    ICAE v2's pretraining examples: AE and LM targets (pure)
+- qa_examples.py fine-tuning examples: [slots, [FT], prompt part, answer, EOS]; chat templates
 - losses.py      the decoder loss: cross-entropy in vocabulary chunks, no logit tensor
-- metrics.py     BLEU, exact match, token accuracy, perplexity (pure)
+- metrics.py     BLEU, exact match, token accuracy, perplexity; QA exact match, token F1, ROUGE (pure)
 - base_model.py  which base LM to load (embedded SmolLM2, .gguf, HF folder, hub id)
 - model.py       ICAE: encoder and decoder on one base model, save and load
 - inference.py   compress / reconstruct / generate: the decode loop

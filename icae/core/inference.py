@@ -7,6 +7,9 @@ layouts (the slots sit at the centres of their spans; an [LM]/[FT] token at L). 
 with `text_lengths` (needed only under `epl`). The functions take the model as their first
 argument and never import it: `ICAE.compress/reconstruct/generate` call them.
 
+An [FT] prompt is formatted as fine-tuning formats it (icae.core.qa_examples: the tokenizer's chat
+template when it has one), and one text's memory can answer several prompts without compressing again.
+
 Decoding prefills `[slots, special token, prompt]` once and then feeds one token per step with
 a KV cache. Rows of a batch are right-padded, and every new token gets its row's own next
 position (last real position + 1) and a full attention mask, so a batch gives what each text
@@ -22,6 +25,7 @@ import torch
 from icae.core.collate import encoder_rows, special_token_id
 from icae.core.memory import Memory
 from icae.core.positions import decoder_positions, segment_spans
+from icae.core.qa_examples import prompt_part_ids
 from icae.errors import UserError
 
 
@@ -157,8 +161,10 @@ def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use_cache) -> list[list[int]]:
-    """Greedy/sampled tokens after each prefix (embeds, positions); EOS and what follows dropped."""
+def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use_cache,
+                  adapter: str | None = None) -> list[list[int]]:
+    """Greedy/sampled tokens after each prefix (embeds, positions); EOS and what follows dropped.
+    `adapter="disabled"` decodes with the base model without LoRA instead of the ICAE decoder."""
     from transformers import DynamicCache
 
     batch, width = len(prefixes), max(len(p) for _, p in prefixes)
@@ -177,7 +183,8 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
     tokens = torch.empty(batch, 0, dtype=torch.long, device=model.device)
     done = torch.zeros(batch, dtype=torch.bool, device=model.device)
     for step in range(max_new_tokens):
-        hidden = model.decoder_hidden(inputs, mask, input_positions, past_key_values=cache, use_cache=use_cache)
+        hidden = model.decoder_hidden(inputs, mask, input_positions, past_key_values=cache, use_cache=use_cache,
+                                      adapter=adapter)
         hidden = hidden.last_hidden_state
         hidden = hidden[torch.arange(batch, device=model.device), last] if step == 0 else hidden[:, -1]
         token = _pick(head(hidden).float(), generator=generator, **sampling)
@@ -258,6 +265,28 @@ def generate_ids(
     return out
 
 
+def generate_plain_ids(
+    model, rows: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8, use_cache: bool = True
+) -> list[list[int]]:
+    """Greedy tokens the base model without LoRA produces after each plain token row (positions 0..n-1),
+    without the EOS: the full-context and no-context baselines of `icae eval --task qa`."""
+    if max_new_tokens < 0:
+        raise UserError("max_new_tokens must be a non-negative number")
+    if any(not row for row in rows):
+        raise UserError("every row to continue needs at least one token")
+    eos = eos_token_id(model)
+    sampling = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+    out: list[list[int]] = []
+    with eval_mode(model):
+        for _, chunk in _batches(rows, batch_size):
+            prefixes = [(model.embed(torch.tensor(row, device=model.device)), list(range(len(row)))) for row in chunk]
+            if max_new_tokens:
+                out += _decode_batch(model, prefixes, max_new_tokens, eos, sampling, None, use_cache, "disabled")
+            else:
+                out += [[] for _ in chunk]
+    return out
+
+
 def reconstruction_scores(model, texts: list[list[int]], batch_size: int = 8) -> dict:
     """Greedy [AE] reconstruction of token-id texts (up to each length + 1), scored against them:
     token accuracy, exact match (token lists) and BLEU-4 (decoded texts)."""
@@ -313,15 +342,23 @@ def generate(
 ) -> list[str]:
     """A continuation of each compressed text ([LM]), or an answer to `prompt` about it ([FT]).
 
-    One prompt string is used for every text; a list gives one per text.
+    One prompt string is used for every text; a list gives one per text, or, for the memory of a
+    single text, asks it all those questions (the slots are reused, nothing is compressed again).
+    The prompt is formatted as in fine-tuning (icae.core.qa_examples): in the tokenizer's chat
+    template when it has one.
     """
     memory, text_lengths = _unpack(model, memory, text_lengths)
     prompt_ids = None
     if prompt is not None:
         prompts = [prompt] * len(memory) if isinstance(prompt, str) else list(prompt)
+        if len(memory) == 1 and len(prompts) > 1:  # one text, several questions: the same slots for each
+            memory = memory * len(prompts)
+            text_lengths = None if text_lengths is None else list(text_lengths) * len(prompts)
         if len(prompts) != len(memory):
             raise UserError(f"{len(prompts)} prompts for {len(memory)} memories; pass one prompt or one per memory")
-        prompt_ids = token_ids(model.tokenizer, prompts)
+        if model.tokenizer is None:
+            raise UserError("this model has no tokenizer to format a prompt; use generate_ids with prompt_ids")
+        prompt_ids = [prompt_part_ids(model.tokenizer, p) for p in prompts]
     ids = generate_ids(
         model, memory, text_lengths, "ft" if prompt is not None else "lm", prompt_ids, max_new_tokens,
         do_sample, temperature, top_p, top_k, seed, use_cache, batch_size,

@@ -203,12 +203,14 @@ class ICAE(nn.Module):
         is_slot = torch.arange(embeds.shape[1], device=embeds.device)[None, :] < n_slots[:, None]
         return embeds.masked_scatter(is_slot.unsqueeze(-1).expand_as(embeds), slots.to(embeds.dtype))
 
-    def decoder_hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False):
-        """The decoder's backbone output under the decoder mode's adapter state."""
+    def decoder_hidden(self, inputs_embeds, attention_mask, position_ids, past_key_values=None, use_cache=False,
+                       adapter: str | None = None):
+        """The decoder's backbone output under the decoder mode's adapter state (or `adapter`:
+        "disabled" is the base model without LoRA)."""
         extra = {} if past_key_values is None else {"past_key_values": past_key_values}
         if past_key_values is None or past_key_values.get_seq_length() == 0:  # a whole sequence, not a decode step
             extra.update(self._attention_kwargs(attention_mask))
-        with self._adapter(self._decoder_state()):
+        with self._adapter(adapter or self._decoder_state()):
             return self.backbone(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,

@@ -6,6 +6,11 @@
    cut to its first `--max_chars` characters, as lists of `{"text": ...}`; plus
    `mini_train_data.json` (last 256,000) and `tiny_train_data.json` (last 25,600) when there
    are that many. A file that exists already is not rebuilt (delete it, or pass `--force`).
+
+`--dataset pwc` does the same for ICAE v2's fine-tuning data, PwC (prompt-with-context, the hub's
+`sggetao/PwC`, or a local .json/.jsonl/.parquet file of {input, prompt, answer} records):
+`pwc_records.json` (every record), then `pwc_eval.json` (the first `--eval_size`) and `pwc_train.json`
+(the rest), the files `icae finetune --train_file / --eval_file` read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from icae.errors import UserError
@@ -90,23 +96,99 @@ def prepare(source: str, output_dir: str | Path, split: str = "train", column: s
     return counts
 
 
+PWC_HUB = "sggetao/PwC"
+
+
+def stream_hub_records(name: str, split: str, max_docs: int | None) -> list[dict]:
+    """{input, prompt, answer} rows of a streamed hub dataset; rows with an empty context or answer are
+    skipped and counted (they are the hub's, not the user's to fix), a missing column is an error."""
+    from datasets import load_dataset
+    from tqdm.auto import tqdm
+
+    from icae.data.qa import FIELDS
+
+    try:
+        stream = load_dataset(name, split=split, streaming=True)
+    except Exception as err:  # offline, unknown dataset, ...: one line, not a traceback
+        raise UserError(f"cannot stream dataset {name!r} (split {split!r}): {err}".splitlines()[0]) from None
+    kept, skipped = [], 0
+    with tqdm(desc=f"streaming {name}", unit=" records", total=max_docs) as bar:
+        for row in stream:
+            missing = [f for f in FIELDS if not isinstance(row.get(f), str)]
+            if missing:
+                raise UserError(f"dataset {name!r} has no {missing[0]!r} string column (it has {list(row)}); "
+                                "PwC-format data needs input, prompt and answer")
+            if not row["input"].strip() or not row["answer"].strip():
+                skipped += 1
+                continue
+            kept.append({f: row[f] for f in FIELDS})
+            bar.update(1)
+            if max_docs and len(kept) >= max_docs:
+                break
+    if skipped:
+        print(f"note: skipped {skipped} records of {name} with an empty input or answer", file=sys.stderr)
+    return kept
+
+
+def prepare_pwc(source: str, output_dir: str | Path, split: str = "train", max_docs: int | None = None,
+                eval_size: int = 1000, force: bool = False) -> dict:
+    """`pwc_records.json`, then `pwc_eval.json` (first `eval_size` records) and `pwc_train.json` (the rest)."""
+    from icae.data.qa import load_qa
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    all_path = out / "pwc_records.json"
+    if all_path.is_file() and not force:
+        records = json.loads(all_path.read_text())
+        print(f"{all_path} exists ({len(records):,} records): not rebuilt")
+    else:
+        if is_local(source):
+            records = load_qa(source)[: max_docs or None]
+        else:
+            records = stream_hub_records(source, split, max_docs)
+        if not records:
+            raise UserError(f"{source} has no usable {{input, prompt, answer}} record")
+        _write_json(all_path, records)
+    if len(records) <= eval_size:
+        raise UserError(f"{len(records)} records leave none for training after --eval_size {eval_size}; lower it")
+    files = {"pwc_eval.json": records[:eval_size], "pwc_train.json": records[eval_size:]}
+    counts = {}
+    for name, rows in files.items():
+        path = out / name
+        if path.is_file() and not force and path.stat().st_mtime >= all_path.stat().st_mtime:
+            print(f"{path} exists: not rebuilt")
+        else:
+            _write_json(path, rows)
+        counts[name] = len(rows)
+    return counts
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="icae prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("--source", default="DKYoon/SlimPajama-6B",
-                        help="a hub dataset (streamed), builtin:python-docs, or a .json/.jsonl/.parquet/.txt file or folder")
+    parser.add_argument("--dataset", choices=("slimpajama", "pwc"), default="slimpajama",
+                        help="slimpajama: pretraining texts (default); pwc: fine-tuning records {input, prompt, answer}")
+    parser.add_argument("--source", default=None,
+                        help="a hub dataset (streamed), builtin:python-docs, or a .json/.jsonl/.parquet/.txt file or "
+                             f"folder (default: DKYoon/SlimPajama-6B, or {PWC_HUB} for --dataset pwc)")
     parser.add_argument("--output_dir", default="data")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--column", default="text")
-    parser.add_argument("--min_chars", type=int, default=4096, help="keep documents at least this long")
-    parser.add_argument("--max_docs", type=int, default=None, help="stop after this many kept documents")
+    parser.add_argument("--column", default="text", help="the text column (slimpajama only)")
+    parser.add_argument("--min_chars", type=int, default=4096, help="keep documents at least this long (slimpajama only)")
+    parser.add_argument("--max_docs", type=int, default=None, help="stop after this many kept documents (records)")
     parser.add_argument("--eval_size", type=int, default=1000)
-    parser.add_argument("--max_chars", type=int, default=4096, help="cut each text to this many characters")
+    parser.add_argument("--max_chars", type=int, default=4096, help="cut each text to this many characters (slimpajama only)")
     parser.add_argument("--force", action="store_true", help="rebuild files that exist")
     args = parser.parse_args(argv)
     if args.eval_size < 0 or args.max_chars < 1 or args.min_chars < 0:
         raise UserError("--eval_size and --min_chars must not be negative, --max_chars must be positive")
-    counts = prepare(args.source, args.output_dir, args.split, args.column, args.min_chars, args.max_docs,
-                     args.eval_size, args.max_chars, args.force)
+    if args.dataset == "pwc":
+        counts = prepare_pwc(args.source or PWC_HUB, args.output_dir, args.split, args.max_docs, args.eval_size,
+                             args.force)
+        for name, n in counts.items():
+            print(f"{Path(args.output_dir) / name}: {n:,} records")
+        return 0
+    counts = prepare(args.source or "DKYoon/SlimPajama-6B", args.output_dir, args.split, args.column, args.min_chars,
+                     args.max_docs, args.eval_size, args.max_chars, args.force)
     for name, n in counts.items():
         print(f"{Path(args.output_dir) / name}: {n:,} texts")
     return 0

@@ -2,8 +2,10 @@
 components in icae.core, icae.data and icae.training (which never import a recipe).
 
 - pretrain.py  `icae pretrain`: arguments -> data -> model -> Trainer -> save and eval
-- evaluate.py  `icae eval`: losses, reconstruction scores and perplexities of a checkpoint
-- use.py       `icae compress / reconstruct / generate`
+- finetune.py  `icae finetune`: the same from a pretrain checkpoint, on {input, prompt, answer} records
+- evaluate.py  `icae eval`: losses, reconstruction scores and perplexities of a checkpoint; --task qa:
+               answers from memory slots / full context / no context
+- use.py       `icae compress / reconstruct / generate` (generate --context FILE --prompt ...)
 - layout.py    `icae layout`: the position ids a layout assigns, as JSON
 - ablate.py    `icae ablate`: a grid of pretraining runs, then a report
 - report.py    `icae report`: loss curves, a table and a summary of finished runs

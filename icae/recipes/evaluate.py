@@ -11,6 +11,19 @@ Every text is first cut to `model_max_length` tokens (as in training). Metrics:
 - bleu / exact_match / token_accuracy: greedy reconstruction from the slots, up to each text's
   length + 1 tokens (icae.core.metrics says how each is counted).
 - wall_time_s: the evaluation itself, without loading the model.
+
+`--task qa` scores answers to questions about a context instead (after `icae finetune`): greedy
+answers, three ways side by side as in the ICAE paper's tables, all after the same prompt part
+(icae.core.qa_examples: the chat template's user turn when the tokenizer has one):
+- memory: the ICAE decoder reads `[slots, [FT], prompt]`, the context compressed (cut to
+  `max_context_length` tokens, multi-span when longer than m*r; each distinct context once);
+- full_context: the base model without LoRA reads `[BOS, context tokens, prompt]`: the text itself
+  in place of its slots and [FT];
+- no_context: the base model without LoRA reads `[BOS, prompt]` (no second BOS when the prompt part
+  starts with one, as SmolLM2's template does).
+Each is scored by exact match, token F1, ROUGE-1 and ROUGE-L F1 against the reference answers
+(icae.core.metrics). After fine-tuning the memory row should lie between the other two: the slots
+lose some of the text, and the question alone tells little.
 """
 
 from __future__ import annotations
@@ -27,8 +40,9 @@ from icae.core import metrics
 from icae.core.collate import IGNORE, collate
 from icae.errors import UserError
 from icae.core.examples import ae_example
-from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, token_ids
+from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, generate_plain_ids, token_ids
 from icae.core.losses import linear_cross_entropy
+from icae.core.memory import Memory
 from icae.core.model import load_checkpoint
 
 
@@ -177,6 +191,98 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- --task qa
+
+QA_SOURCES = {"memory": "memory slots", "full_context": "full context (base model)",
+              "no_context": "no context (base model)"}
+QA_METRICS = ("exact_match", "token_f1", "rouge1", "rougeL")
+
+
+def qa_triples(model, records: list[dict], max_context_length: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """(context, prompt part, answer) token ids of {input, prompt, answer} records, as fine-tuning makes them."""
+    from icae.core.qa_examples import answer_ids, prompt_part_ids
+
+    if max_context_length < 1:
+        raise UserError(f"--max_context_length must be at least 1 (got {max_context_length})")
+    tokenizer = model.tokenizer
+    contexts = [row[:max_context_length] for row in token_ids(tokenizer, [r["input"] for r in records])]
+    return [(c, prompt_part_ids(tokenizer, r["prompt"]), answer_ids(tokenizer, r["answer"]))
+            for c, r in zip(contexts, records)]
+
+
+def memory_answers(model, triples, max_new_tokens: int = 64, batch_size: int = 4) -> list[list[int]]:
+    """Greedy answer ids from the slots: each distinct context is compressed once, whatever the
+    number of questions about it."""
+    unique: dict[tuple, int] = {}
+    for context, _, _ in triples:
+        unique.setdefault(tuple(context), len(unique))
+    compressed = compress(model, [list(c) for c in unique], batch_size=batch_size)
+    index = [unique[tuple(context)] for context, _, _ in triples]
+    memory = Memory([compressed.slots[i] for i in index], [compressed.text_lengths[i] for i in index],
+                    compressed.config)
+    return generate_ids(model, memory, task="ft", prompt_ids=[p for _, p, _ in triples],
+                        max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def qa_answers(model, triples, source: str, max_new_tokens: int = 64, batch_size: int = 4) -> list[list[int]]:
+    """Greedy answer ids of one row of the table: from the memory slots, the full context or no context."""
+    if source == "memory":
+        return memory_answers(model, triples, max_new_tokens, batch_size)
+    start = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else eos_token_id(model)
+    if source == "full_context":
+        rows = [[start] + list(context) + list(prompt) for context, prompt, _ in triples]
+    elif source == "no_context":
+        rows = [([] if prompt and prompt[0] == start else [start]) + list(prompt) for _, prompt, _ in triples]
+    else:
+        raise ValueError(f"unknown answer source {source!r}")
+    return generate_plain_ids(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def evaluate_qa(model, records: list[dict], limit: int | None = None, max_context_length: int = 5120,
+                max_new_tokens: int = 64, batch_size: int = 4, sources=tuple(QA_SOURCES)) -> dict:
+    """Exact match, token F1, ROUGE-1/ROUGE-L F1 of greedy answers from each of `sources`."""
+    if batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {batch_size})")
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1 (got {max_new_tokens})")
+    start_time = time.perf_counter()
+    records = list(records[:limit] if limit is not None else records)
+    if not records:
+        raise UserError("there are no QA records to evaluate")
+    triples = qa_triples(model, records, max_context_length)
+    decode = lambda ids: model.tokenizer.batch_decode(ids, skip_special_tokens=True)  # noqa: E731
+    references = decode([answer for _, _, answer in triples])
+    results: dict = {"task": "qa", "num_examples": len(records), "max_context_length": max_context_length,
+                     "num_contexts": len({tuple(c) for c, _, _ in triples})}
+    answers = {}
+    with eval_mode(model):
+        for source in sources:
+            answers[source] = [a.strip() for a in decode(qa_answers(model, triples, source, max_new_tokens, batch_size))]
+            results[source] = metrics.qa_scores(answers[source], references)
+    results["samples"] = [
+        {"prompt": r["prompt"], "answer": ref, **{source: answers[source][i] for source in sources}}
+        for i, (r, ref) in enumerate(list(zip(records, references))[:5])
+    ]
+    results["wall_time_s"] = time.perf_counter() - start_time
+    return results
+
+
+def format_qa_table(results: dict) -> str:
+    """The three-way table, as markdown."""
+    lines = ["| answer from | " + " | ".join(QA_METRICS) + " |", "| --- |" + " ---: |" * len(QA_METRICS)]
+    for source, label in QA_SOURCES.items():
+        if source in results:
+            lines.append(f"| {label} | " + " | ".join(f"{results[source][k]:.3f}" for k in QA_METRICS) + " |")
+    return "\n".join(lines)
+
+
+def load_eval_records(source: str) -> list[dict]:
+    """A file is the eval set as it is; the built-in QA set contributes its eval split only."""
+    from icae.data.qa import BUILTIN_PYTHON_DOCS_QA, builtin_qa_splits, load_qa
+
+    return builtin_qa_splits()[1] if source == BUILTIN_PYTHON_DOCS_QA else load_qa(source)
+
+
 def load_eval_texts(source: str) -> list[str]:
     """A file is the eval set as it is; the built-in corpus contributes its eval split only."""
     from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
@@ -188,23 +294,35 @@ def load_eval_texts(source: str) -> list[str]:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="icae eval", description="Evaluate an ICAE checkpoint; write JSON results.")
     p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder")
-    p.add_argument("--eval_file", default="builtin:python-docs",
-                   help=f"eval texts (.json/.jsonl/.parquet/.txt); default: the built-in corpus's eval split "
-                        "(its first 5%%, as `icae pretrain` holds out)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N texts")
+    p.add_argument("--task", choices=("ae", "qa"), default="ae",
+                   help="ae: losses, reconstruction and perplexities (default); qa: answers to questions about a "
+                        "context from memory slots / full context / no context (after `icae finetune`)")
+    p.add_argument("--eval_file", default=None,
+                   help="eval texts (.json/.jsonl/.parquet/.txt; --task qa: {input, prompt, answer} records); default: "
+                        "the built-in corpus's eval split (its first 5%%, as `icae pretrain` holds out), or for --task "
+                        "qa the eval split of builtin:python-docs-qa (as `icae finetune` holds out)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N texts (QA records)")
     p.add_argument("--model_max_length", type=int, default=None,
                    help="cut each text to this many tokens (default: the checkpoint's training length, else 512)")
+    p.add_argument("--max_context_length", type=int, default=None,
+                   help="--task qa: cut each context to this many tokens (default: the checkpoint's fine-tuning "
+                        "length, else 5120)")
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="reconstruction length limit (default: each text's length + 1)")
+                   help="reconstruction length limit (default: each text's length + 1); --task qa: answer length "
+                        "limit (default 64)")
     p.add_argument("--no_generate", action="store_true", help="skip reconstruction (BLEU, exact match)")
-    p.add_argument("--output", default=None, help="results JSON (default: CHECKPOINT/eval_results.json)")
+    p.add_argument("--output", default=None,
+                   help="results JSON (default: CHECKPOINT/eval_results.json, or CHECKPOINT/qa_eval_results.json)")
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")
+    if args.task == "qa":
+        return main_qa(args)
 
+    args.eval_file = args.eval_file or "builtin:python-docs"
     texts = load_eval_texts(args.eval_file)
     model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
     length = args.model_max_length
@@ -224,5 +342,32 @@ def main(argv: list[str]) -> int:
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['num_texts']} texts from {args.eval_file}, checkpoint {args.checkpoint}")
     print(format_table(results))
+    print(f"results written to {output}")
+    return 0
+
+
+def main_qa(args) -> int:
+    """`icae eval --task qa`: the three-way table, printed and written as JSON."""
+    from icae.data.qa import BUILTIN_PYTHON_DOCS_QA
+
+    args.eval_file = args.eval_file or BUILTIN_PYTHON_DOCS_QA
+    records = load_eval_records(args.eval_file)
+    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    length = args.max_context_length
+    if length is None:
+        trained = model.training_info.get("max_context_length")
+        length = int(trained) if trained else 5120
+        print(f"--max_context_length {length} ("
+              + ("the checkpoint's fine-tuning length" if trained else "the checkpoint records none") + ")")
+    results = evaluate_qa(model, records, limit=args.limit, max_context_length=length,
+                          max_new_tokens=args.max_new_tokens or 64, batch_size=args.batch_size)
+    results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file, **results,
+               "config": model.config.to_dict()}
+    output = Path(args.output) if args.output else Path(args.checkpoint) / "qa_eval_results.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{results['num_examples']} questions about {results['num_contexts']} contexts from {args.eval_file}, "
+          f"checkpoint {args.checkpoint}")
+    print(format_qa_table(results))
     print(f"results written to {output}")
     return 0

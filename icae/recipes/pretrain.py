@@ -60,7 +60,7 @@ class DataArguments:
     eval_file: str | None = field(default=None, metadata={"help": "eval texts; default: split off the training source"})
     eval_size: int | None = field(
         default=None, metadata={"help": "the first N texts are the eval split when --eval_file is not given "
-                                "(default: 5% of the texts, at least 1, at most 1,000)"}
+                                "(default: 5%% of the texts, at least 1, at most 1,000)"}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval texts"})
@@ -68,25 +68,13 @@ class DataArguments:
 
 
 @dataclass
-class PretrainArguments(TrainingArguments):
-    output_dir: str = field(default="runs/pretrain", metadata={"help": "where checkpoints and metrics go"})
-    model_max_length: int = field(default=512, metadata={"help": "tokens kept per text (the seed cuts to this)"})
-    lm_ratio: float = field(default=0.0, metadata={"help": "probability of an LM example (else AE)"})
-    min_tokens_for_lm: int = field(default=64, metadata={"help": "shorter continuations become AE examples"})
-    leave_tokens_for_lm: int = field(default=8, metadata={"help": "first continuation tokens carry no loss"})
-    add_special_token_for_lm: bool = field(default=False, metadata={"help": "put [LM] before the continuation"})
-    text_window: str = field(
-        default="start", metadata={"help": "start: each text cut to its first model_max_length tokens (the seed); "
-                                   "random: a window anywhere in the text, redrawn on every visit (ICAE v2)"}
-    )
+class ICAETrainingArguments(TrainingArguments):
+    """The Trainer flags every ICAE training command shares (`icae pretrain`, `icae finetune`)."""
+
     overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh even if output_dir has a run"})
     evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
     memory_learning_rate: float | None = field(
         default=None, metadata={"help": "learning rate of the memory/special token embeddings (default: --learning_rate)"}
-    )
-    eval_reconstruction_samples: int = field(
-        default=0, metadata={"help": "at each eval, greedily reconstruct this many eval texts and log token "
-                             "accuracy, exact match and BLEU-4 (0: off)"}
     )
     disable_datasets_cache: bool = field(default=False, metadata={"help": "the seed's workaround: no datasets cache"})
     remove_unused_columns: bool = field(default=False)
@@ -101,6 +89,24 @@ class PretrainArguments(TrainingArguments):
         if not _cuda_available():
             self.dataloader_pin_memory = False
         super().__post_init__()
+
+
+@dataclass
+class PretrainArguments(ICAETrainingArguments):
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "where checkpoints and metrics go"})
+    model_max_length: int = field(default=512, metadata={"help": "tokens kept per text (the seed cuts to this)"})
+    lm_ratio: float = field(default=0.0, metadata={"help": "probability of an LM example (else AE)"})
+    min_tokens_for_lm: int = field(default=64, metadata={"help": "shorter continuations become AE examples"})
+    leave_tokens_for_lm: int = field(default=8, metadata={"help": "first continuation tokens carry no loss"})
+    add_special_token_for_lm: bool = field(default=False, metadata={"help": "put [LM] before the continuation"})
+    text_window: str = field(
+        default="start", metadata={"help": "start: each text cut to its first model_max_length tokens (the seed); "
+                                   "random: a window anywhere in the text, redrawn on every visit (ICAE v2)"}
+    )
+    eval_reconstruction_samples: int = field(
+        default=0, metadata={"help": "at each eval, greedily reconstruct this many eval texts and log token "
+                             "accuracy, exact match and BLEU-4 (0: off)"}
+    )
 
     def example_config(self) -> ExampleConfig:
         return ExampleConfig(
@@ -119,9 +125,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, PretrainArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, PretrainArguments))
-    parser.prog = "icae pretrain"
+def parse_args(argv: list[str], types: tuple = (ModelArguments, DataArguments, PretrainArguments),
+               prog: str = "icae pretrain") -> tuple:
+    parser = HfArgumentParser(types)
+    parser.prog = prog
     try:
         model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
             argv, return_remaining_strings=True
@@ -132,7 +139,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
         flags = [r for r in rest if r.startswith("-")]
         raise UserError(
             (f"unknown flag {', '.join(flags)}" if flags else f"unexpected argument {' '.join(rest)}")
-            + "; see `icae pretrain --help` for the flags"
+            + f"; see `{prog} --help` for the flags"
         )
     return model_args, data_args, train_args
 
@@ -144,7 +151,7 @@ def check_data_args(data_args: DataArguments) -> None:
             raise UserError(f"--{name} must not be negative (got {value})")
 
 
-def resolve_output_dir(args: PretrainArguments) -> Path | None:
+def resolve_output_dir(args: ICAETrainingArguments) -> Path | None:
     """The checkpoint to resume from, after refusing to clobber an unrelated non-empty folder.
 
     Only complete checkpoints count (marker present, weights file whole): a folder half-written
@@ -185,7 +192,7 @@ def resolve_output_dir(args: PretrainArguments) -> Path | None:
 REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
 
-def check_reporting(args: PretrainArguments) -> None:
+def check_reporting(args: ICAETrainingArguments) -> None:
     """A `--report_to` integration whose package is missing fails now, not after the model has loaded."""
     from importlib.util import find_spec
 
@@ -207,7 +214,7 @@ def _wandb_logged_in() -> bool:
         return False
 
 
-def setup_wandb(args: PretrainArguments, out: Path) -> None:
+def setup_wandb(args: ICAETrainingArguments, out: Path) -> None:
     """wandb runs under output_dir, in project `icae`, and offline when there is no API key: a
     training run never stops at a login prompt or for want of a network (`wandb sync` uploads later)."""
     if "wandb" not in (args.report_to or []):
@@ -386,19 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
                         "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
                         "or pass --eval_strategy no")
-    planned = check_model(config)
-    if resume is not None:
-        explicit = args.resume_from_checkpoint not in (None, "", "False", "false")
-        check_checkpoint_fits(
-            resume, planned,
-            "--resume_from_checkpoint" if explicit else "the last checkpoint in output_dir,",
-            "or pass another --resume_from_checkpoint" if explicit
-            else "or pass --overwrite_output_dir (or another --output_dir) to start afresh",
-        )
-    if model_args.restore_from:
-        check_checkpoint_fits(Path(model_args.restore_from), planned, "--restore_from",
-                              "or restore from a checkpoint that fits this run")
-    del planned
+    check_checkpoints(check_model(config), args, resume, model_args.restore_from)
 
     from transformers import set_seed
 
@@ -407,18 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     from icae.training.trainer import ICAETrainer, MetricsFileCallback, describe_model
 
     # 2. Side effects on output_dir, now that the run is known to be able to start.
-    if args.disable_datasets_cache:
-        from datasets import disable_caching
-
-        disable_caching()
-    out = Path(args.output_dir)
-    if args.overwrite_output_dir and out.is_dir() and resume is None and args.should_save:
-        for child in out.iterdir():  # start afresh: old metrics and checkpoints would mix with the new run
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if resume is not None and args.should_save:
-        tidy_checkpoints(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_wandb(args, out)
+    out = prepare_output_dir(args, resume)
 
     # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
@@ -455,14 +439,53 @@ def main(argv: list[str] | None = None) -> int:
         data_collator=model.collator,
         callbacks=[MetricsFileCallback()],
     )
+    train_and_save(trainer, args, resume, evaluate=bool(eval_set))
+    return 0
+
+
+def check_checkpoints(planned, args: ICAETrainingArguments, resume: Path | None, restore_from: str | None) -> None:
+    """The checkpoints this run would load (to resume, to restore from) fit `planned`, the run's
+    meta-device ICAE: checked before any weights load."""
+    if resume is not None:
+        explicit = args.resume_from_checkpoint not in (None, "", "False", "false")
+        check_checkpoint_fits(
+            resume, planned,
+            "--resume_from_checkpoint" if explicit else "the last checkpoint in output_dir,",
+            "or pass another --resume_from_checkpoint" if explicit
+            else "or pass --overwrite_output_dir (or another --output_dir) to start afresh",
+        )
+    if restore_from:
+        check_checkpoint_fits(Path(restore_from), planned, "--restore_from",
+                              "or restore from a checkpoint that fits this run")
+
+
+def prepare_output_dir(args: ICAETrainingArguments, resume: Path | None) -> Path:
+    """The side effects on output_dir once the run is known to be able to start: emptied under
+    --overwrite_output_dir, stale checkpoints tidied on resume, created; wandb set up there."""
+    if args.disable_datasets_cache:
+        from datasets import disable_caching
+
+        disable_caching()
+    out = Path(args.output_dir)
+    if args.overwrite_output_dir and out.is_dir() and resume is None and args.should_save:
+        for child in out.iterdir():  # start afresh: old metrics and checkpoints would mix with the new run
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if resume is not None and args.should_save:
+        tidy_checkpoints(out, resume)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_wandb(args, out)
+    return out
+
+
+def train_and_save(trainer, args: ICAETrainingArguments, resume: Path | None, evaluate: bool) -> None:
+    """Train (resuming from `resume`), save the final weights to output_dir, evaluate once more."""
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     trainer.save_model(args.output_dir)
-    if eval_set:
+    if evaluate:
         trainer.evaluate()
     if "wandb" in (args.report_to or []):  # close the run now (an offline one is complete on disk), not at exit
         import wandb
 
         if wandb.run is not None:
             wandb.finish()
-    return 0
 

@@ -1,6 +1,9 @@
 """`icae compress / reconstruct / generate`: text -> memory slots (a safetensors file) -> text.
 
 The work is done by icae.core.inference; the slots file is a saved `Memory` (icae.core.memory).
+`icae generate --context FILE --prompt "..."` compresses the context itself and answers the prompt
+(the [FT] task, after `icae finetune`); `--prompt` may be repeated: every question is answered from
+the same slots, compressed once.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 from icae.core.inference import compress, generate, reconstruct
 from icae.core.memory import Memory
 from icae.core.model import load_checkpoint
+from icae.errors import UserError
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -30,11 +34,19 @@ def _parser(command: str) -> argparse.ArgumentParser:
         source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file or builtin:python-docs")
         p.add_argument("-o", "--output", required=True, help="slots file to write (.safetensors)")
         return p
-    p.add_argument("slots", help="slots file written by `icae compress`")
+    if command == "generate":
+        p.add_argument("slots", nargs="?", default=None, help="slots file written by `icae compress` (or --context)")
+        p.add_argument("--context", default=None,
+                       help="compress this file first instead of reading a slots file (.txt: one context; "
+                            ".json/.jsonl/.parquet: one per text)")
+    else:
+        p.add_argument("slots", help="slots file written by `icae compress`")
     p.add_argument("--max_new_tokens", type=int, default=None if command == "reconstruct" else 64)
     p.add_argument("--json", action="store_true", help="print a JSON list of strings instead of plain text")
     if command == "generate":
-        p.add_argument("--prompt", default=None, help="a question or instruction about the text ([FT] task)")
+        p.add_argument("--prompt", action="append", default=None,
+                       help="a question or instruction about the text ([FT] task); repeat it to ask several "
+                            "questions of the same slots")
         p.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
         p.add_argument("--temperature", type=float, default=1.0)
         p.add_argument("--top_p", type=float, default=1.0)
@@ -49,6 +61,21 @@ def _print_texts(texts: list[str], as_json: bool) -> None:
         return
     for text in texts:
         print(text)
+
+
+def _read_contexts(source: str) -> list[str]:
+    """--context: a .json/.jsonl/.parquet file or a folder of .txt files holds one context per text; any
+    other file (.txt, .md, .py, ...) is one context, read whole."""
+    from pathlib import Path
+
+    from icae.data.texts import _read, load_texts
+
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or path.is_dir() or path.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        return load_texts(source)
+    if not path.is_file():
+        raise UserError(f"--context {source} does not exist; pass a text file")
+    return [_read(path)]
 
 
 def main(argv: list[str], command: str = "compress") -> int:
@@ -68,15 +95,34 @@ def main(argv: list[str], command: str = "compress") -> int:
         print(f"compressed {len(texts)} texts ({sum(memory.text_lengths)} tokens) into {memory.num_slots} slots: "
               f"{args.output}")
         return 0
-    memory = Memory.load(args.slots)
-    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
     if command == "reconstruct":
-        texts = reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        memory = Memory.load(args.slots)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        _print_texts(reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+                     args.json)
+        return 0
+    if (args.slots is None) == (args.context is None):
+        raise UserError("icae generate reads either a slots file or --context FILE: give one of them")
+    if args.context is not None:
+        texts = _read_contexts(args.context)  # checked before the model loads
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        memory = compress(model, texts, batch_size=args.batch_size)
     else:
-        texts = generate(
-            model, memory, prompt=args.prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-            batch_size=args.batch_size,
-        )
-    _print_texts(texts, args.json)
+        memory = Memory.load(args.slots)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    prompts = args.prompt or [None]
+    answers = [
+        generate(model, memory, prompt=prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                 batch_size=args.batch_size)
+        for prompt in prompts
+    ]
+    if len(prompts) == 1:
+        _print_texts(answers[0], args.json)
+    elif args.json:
+        print(json.dumps([{"prompt": p, "answers": a} for p, a in zip(prompts, answers)], ensure_ascii=False))
+    else:
+        for prompt, texts in zip(prompts, answers):
+            print(f"> {prompt}")
+            _print_texts(texts, False)
     return 0

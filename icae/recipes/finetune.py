@@ -1,0 +1,272 @@
+"""`icae finetune`: ICAE v2's instruction fine-tuning: answer a prompt about a context the decoder
+sees only as memory slots.
+
+The second stage after `icae pretrain`, with the same machinery (every `TrainingArguments` flag,
+complete checkpoints, resume, metrics.jsonl, wandb/tensorboard, torchrun / accelerate launch) and
+the same order: every check (flags, output_dir, data, the model's config, the checkpoints) before
+anything is written or loaded. What differs:
+- `--restore_from PRETRAINED_CHECKPOINT` is required. The layout, m, r, LoRA rank/alpha/targets
+  and the base model are taken from it; a flag that contradicts the checkpoint is an error. The
+  decoder mode is the checkpoint's unless `--decoder_mode` (or `--train_decoder True`) says otherwise.
+- The data are {input, prompt, answer} records (icae.data.qa: PwC-format files or the built-in
+  `builtin:python-docs-qa`), made into `[slots, [FT], prompt, answer, EOS]` rows with the loss on the
+  answer and EOS only (icae.core.qa_examples).
+- Evaluation: the teacher-forced answer loss on held-out records (eval_loss), and with
+  `--eval_qa_samples N` exact match / token F1 / ROUGE of greedy answers from the slots of the first
+  N of them. `icae eval --task qa` gives the full three-way table afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icae.core.config import ICAEConfig
+from icae.core.qa_examples import FTExampleConfig
+from icae.data.qa import BUILTIN_PYTHON_DOCS_QA
+from icae.errors import UserError
+from icae.recipes.pretrain import ICAETrainingArguments, ModelArguments
+from icae.training.trainer import ICAETrainer
+
+# Taken from the --restore_from checkpoint; giving one of them another value is an error.
+FROM_CHECKPOINT = ("fixed_mem_size", "mean_compression_rate", "position_layout", "lora_r", "lora_alpha",
+                   "lora_target_modules")
+
+
+@dataclass
+class FinetuneDataArguments:
+    train_file: str = field(
+        default=BUILTIN_PYTHON_DOCS_QA,
+        metadata={"help": "{input, prompt, answer} records (.json/.jsonl/.parquet, the PwC format), or "
+                  f"{BUILTIN_PYTHON_DOCS_QA} (default; its train split)"},
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "eval records; default: the built-in set's held-out modules, or the first "
+                                "--eval_size records of --train_file"}
+    )
+    eval_size: int | None = field(
+        default=None, metadata={"help": "the first N records of --train_file are the eval split when --eval_file is "
+                                "not given (default: 5%%, at least 1, at most 1,000)"}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training records"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval records"})
+
+
+@dataclass
+class FinetuneArguments(ICAETrainingArguments):
+    output_dir: str = field(default="runs/finetune", metadata={"help": "where checkpoints and metrics go"})
+    max_context_length: int = field(
+        default=5120, metadata={"help": "context tokens kept (ICAE v2: 5120); longer than m*r means several segments"}
+    )
+    model_max_length: int = field(
+        default=512, metadata={"help": "decoder tokens after [FT]: prompt part + answer + EOS (longer answers are cut)"}
+    )
+    eval_qa_samples: int = field(
+        default=0, metadata={"help": "at each eval, answer this many eval questions greedily from the slots and log "
+                             "exact match, token F1 and ROUGE-1/L (0: off)"}
+    )
+
+    def example_config(self) -> FTExampleConfig:
+        return FTExampleConfig(max_context_length=self.max_context_length,
+                               model_max_length=self.model_max_length).validate()
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, FinetuneDataArguments, FinetuneArguments]:
+    from icae.recipes.pretrain import parse_args as parse
+
+    return parse(argv, (ModelArguments, FinetuneDataArguments, FinetuneArguments), prog="icae finetune")
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The flag names on the command line (`--lora-r 8` and `--lora_r=8` both give "lora_r")."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def finetune_config(model_args: ModelArguments, given: set[str]) -> ICAEConfig:
+    """The run's ICAEConfig: the --restore_from checkpoint's, with the flags allowed to differ
+    (decoder mode, LoRA dropout, the base model's path); a flag that contradicts it is an error."""
+    if not model_args.restore_from:
+        raise UserError("icae finetune needs --restore_from: the output folder (or a checkpoint-N folder) of "
+                        "`icae pretrain`")
+    path = Path(model_args.restore_from)
+    if not path.is_dir():
+        raise UserError(f"--restore_from {path} does not exist; pass the output folder of `icae pretrain` "
+                        "or one of its checkpoint-N folders")
+    saved, _ = ICAEConfig.load(path)
+    config = model_args.icae_config()
+    if "use_my_pe" in given:
+        given = given | {"position_layout"}
+    if model_args.train_decoder:
+        given = given | {"decoder_mode"}
+    diffs = [f"--{name} {getattr(saved, name)!r} (this run: {getattr(config, name)!r})" for name in FROM_CHECKPOINT
+             if name in given and getattr(config, name) != getattr(saved, name)]
+    if diffs:
+        raise UserError(f"--restore_from {path} was pretrained with {'; '.join(diffs)}: fine-tuning takes the layout, "
+                        "m, r and LoRA config from the checkpoint; leave those flags out, or restore from a checkpoint "
+                        "pretrained with them")
+    for name in FROM_CHECKPOINT:
+        setattr(config, name, getattr(saved, name))
+    if "model_name_or_path" not in given:
+        config.model_name_or_path = saved.model_name_or_path
+    if "decoder_mode" not in given:
+        config.decoder_mode = saved.decoder_mode
+    return config.validate()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_qa_splits(data_args: FinetuneDataArguments, verbose: bool = False) -> tuple[list[dict], list[dict]]:
+    from icae.data.qa import builtin_qa_splits, load_qa
+    from icae.data.texts import default_eval_size, split_train_eval
+
+    source = data_args.train_file
+    if source == BUILTIN_PYTHON_DOCS_QA:
+        train, evaluation = builtin_qa_splits()
+        how = "the held-out modules"
+        if data_args.eval_file:
+            evaluation, how = load_qa(data_args.eval_file), "--eval_file"
+    else:
+        records = load_qa(source)
+        if data_args.eval_file:
+            train, evaluation, how = records, load_qa(data_args.eval_file), "--eval_file"
+        else:
+            size = data_args.eval_size if data_args.eval_size is not None else default_eval_size(len(records))
+            train, evaluation = split_train_eval(records, size)
+            how = f"the first {size:,}" + (" (--eval_size)" if data_args.eval_size is not None else " (5%)")
+    if data_args.max_train_samples:
+        train = train[: data_args.max_train_samples]
+    if data_args.max_eval_samples is not None:
+        evaluation = evaluation[: data_args.max_eval_samples]
+    if verbose:
+        print(f"QA records: {len(train):,} train, {len(evaluation):,} eval ({how}) from {source}", flush=True)
+    return train, evaluation
+
+
+def build_ft_datasets(train_records: list[dict], eval_records: list[dict], tokenizer, cfg: FTExampleConfig,
+                      cache: bool = True):
+    """(train, eval) FTDatasets: contexts, prompt parts and answers tokenized once (cached on disk)."""
+    from icae.core.qa_examples import FTDataset, prompt_part_text
+    from icae.data.tokens import tokenize_texts
+
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token, which ends every answer; use a model whose tokenizer has one")
+    datasets = []
+    for name, records in (("training", train_records), ("eval", eval_records)):
+        contexts = tokenize_texts([r["input"] for r in records], tokenizer, cfg.max_context_length, cache,
+                                  desc=f"{name} contexts")
+        prompts = tokenize_texts([prompt_part_text(tokenizer, r["prompt"]) for r in records], tokenizer, None, cache,
+                                 desc=f"{name} prompts")
+        answers = tokenize_texts([r["answer"] for r in records], tokenizer, None, cache, desc=f"{name} answers")
+        dataset = FTDataset(list(zip(contexts, prompts, answers)), tokenizer.eos_token_id, cfg)
+        if dataset.skipped:
+            print(f"note: skipped {dataset.skipped} of {len(records)} {name} records whose prompt part fills "
+                  f"--model_max_length {cfg.model_max_length}", file=sys.stderr)
+        datasets.append(dataset)
+    if not len(datasets[0]):
+        raise UserError(f"no training record leaves room for an answer within --model_max_length "
+                        f"{cfg.model_max_length}; raise it")
+    return datasets[0], datasets[1]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class FinetuneTrainer(ICAETrainer):
+    """ICAETrainer, plus greedy answers from the slots of the first `--eval_qa_samples` eval records at
+    each eval: the answer loss alone cannot tell whether the answers come out right."""
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        n = getattr(self.args, "eval_qa_samples", 0) or 0
+        dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else None
+        if n > 0 and dataset is not None and len(dataset) and self.is_world_process_zero():
+            from icae.core import metrics
+            from icae.recipes.evaluate import memory_answers
+
+            model = self.accelerator.unwrap_model(self.model)
+            triples = dataset.triples[:n]
+            hyps = memory_answers(model, triples, max_new_tokens=64, batch_size=self.args.per_device_eval_batch_size)
+            decode = lambda ids: [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]  # noqa: E731
+            scores = metrics.qa_scores(decode(hyps), decode([answer for _, _, answer in triples]))
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
+        return output
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from icae.recipes.pretrain import (
+        check_checkpoints, check_data_args, check_model, check_reporting, prepare_output_dir, resolve_output_dir,
+        train_and_save,
+    )
+
+    # 1. Checks, cheapest first, all before anything is written or loaded.
+    argv_used = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, args = parse_args(argv_used)
+    example_cfg = args.example_config()
+    if args.eval_qa_samples < 0:
+        raise UserError(f"--eval_qa_samples must not be negative (got {args.eval_qa_samples})")
+    check_data_args(data_args)
+    check_reporting(args)
+    config = finetune_config(model_args, given_flags(argv_used))
+    resume = resolve_output_dir(args)
+
+    from icae.core.base_model import resolve_model
+
+    resolve_model(config.model_name_or_path, convert=False)
+    train_records, eval_records = load_qa_splits(data_args, verbose=args.should_log)
+    if not eval_records and args.eval_strategy != "no":
+        raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
+                        "records, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
+                        "or pass --eval_strategy no")
+    check_checkpoints(check_model(config), args, resume, model_args.restore_from)
+
+    from transformers import set_seed
+
+    from icae.core.base_model import load_base_model, load_tokenizer
+    from icae.core.model import ICAE
+    from icae.training.trainer import MetricsFileCallback, describe_model
+
+    # 2. Side effects on output_dir.
+    out = prepare_output_dir(args, resume)
+
+    # 3. The expensive part.
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    train_set, eval_set = build_ft_datasets(train_records, eval_records, tokenizer, example_cfg,
+                                            cache=not args.disable_datasets_cache)
+    set_seed(args.seed)
+    base = load_base_model(config.model_name_or_path, attn_implementation=model_args.attn_implementation)
+    model = ICAE(config, base_model=base, tokenizer=tokenizer)
+    model.load_trainable_weights(model_args.restore_from)
+    model.training_info = {"task": "ft", "max_context_length": example_cfg.max_context_length,
+                           "model_max_length": example_cfg.model_max_length, "train_source": data_args.train_file,
+                           "restored_from": str(model_args.restore_from),
+                           "command": "icae finetune " + " ".join(shlex.quote(a) for a in argv_used)}
+    if args.should_save:
+        print(describe_model(model), flush=True)
+        print(f"train examples: {len(train_set):,} | eval examples: {len(eval_set):,} | restored from: "
+              f"{model_args.restore_from} | resume: {resume}")
+        (out / "run_config.json").write_text(
+            json.dumps({"icae": config.to_dict(), "examples": dataclasses.asdict(example_cfg),
+                        "data": dataclasses.asdict(data_args), "seed": args.seed,
+                        "restore_from": str(model_args.restore_from),
+                        "trainable_params": model.num_parameters()[0]}, indent=2) + "\n"
+        )
+
+    trainer = FinetuneTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set if len(eval_set) else None,
+        data_collator=model.collator,
+        callbacks=[MetricsFileCallback()],
+    )
+    train_and_save(trainer, args, resume, evaluate=bool(len(eval_set)))
+    return 0
