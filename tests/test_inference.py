@@ -331,6 +331,29 @@ def test_cli_compress_reconstruct_generate(memorised, tmp_path, capsys):
         run_cli("reconstruct", "--checkpoint", ckpt, tmp_path / "nope.safetensors")
 
 
+def test_cli_reads_standard_input_and_compresses_on_the_fly(memorised, tmp_path, capsys, monkeypatch):
+    import io
+
+    ckpt = tmp_path / "ckpt"
+    memorised.save_pretrained(ckpt)
+    monkeypatch.setattr("sys.stdin", io.StringIO(TEXTS[2]))
+    run_cli("reconstruct", "--checkpoint", ckpt, "--context", "-")
+    assert capsys.readouterr().out == TEXTS[2] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(TEXTS[3]))
+    run_cli("compress", "--checkpoint", ckpt, "--file", "-", "-o", tmp_path / "stdin.safetensors")
+    capsys.readouterr()
+    run_cli("reconstruct", "--checkpoint", ckpt, tmp_path / "stdin.safetensors")
+    assert capsys.readouterr().out == TEXTS[3] + "\n"
+    (tmp_path / "one.txt").write_text(TEXTS[0])
+    run_cli("reconstruct", "--checkpoint", ckpt, "--context", tmp_path / "one.txt")
+    assert capsys.readouterr().out == TEXTS[0] + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    with pytest.raises(UserError, match="standard input is empty"):
+        run_cli("reconstruct", "--checkpoint", ckpt, "--context", "-")
+    with pytest.raises(UserError, match="either a slots file or --context"):
+        run_cli("reconstruct", "--checkpoint", ckpt)
+
+
 def test_cli_refuses_slots_of_another_model(memorised, tmp_path):
     ckpt = tmp_path / "ckpt"
     memorised.save_pretrained(ckpt)

@@ -3,7 +3,9 @@
 The work is done by icae.core.inference; the slots file is a saved `Memory` (icae.core.memory).
 `icae generate --context FILE --prompt "..."` compresses the context itself and answers the prompt
 (the [FT] task, after `icae finetune`); `--prompt` may be repeated: every question is answered from
-the same slots, compressed once.
+the same slots, compressed once. `icae reconstruct --context FILE` compresses and reconstructs in one
+go. `-` reads standard input (`--context -`, `compress --file -`). `--checkpoint` defaults to the
+checkpoint shipped in the package (smollm2-135m-icae).
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
+import sys
+
+from icae.core.config import shipped_checkpoints
 from icae.core.inference import compress, generate, reconstruct
 from icae.core.memory import Memory
 from icae.core.model import load_checkpoint
@@ -24,23 +29,24 @@ def _parser(command: str) -> argparse.ArgumentParser:
         "generate": "Print a continuation ([LM]) of each compressed text, or an answer to --prompt ([FT]).",
     }
     p = argparse.ArgumentParser(prog=f"icae {command}", description=descriptions[command])
-    p.add_argument("--checkpoint", required=True, help="ICAE checkpoint folder (icae_config.json + weights)")
+    shipped = shipped_checkpoints()
+    p.add_argument("--checkpoint", required=not shipped, default=shipped[0] if shipped else None,
+                   help="ICAE checkpoint folder (icae_config.json + weights) or a shipped checkpoint's name"
+                   + (f" (default: {shipped[0]})" if shipped else ""))
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8)
     if command == "compress":
         source = p.add_mutually_exclusive_group(required=True)
         source.add_argument("--text", help="one text to compress")
-        source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file or builtin:python-docs")
+        source.add_argument("--file", help="texts: .json/.jsonl/.parquet/.txt file, builtin:python-docs, "
+                            "or - for one text from standard input")
         p.add_argument("-o", "--output", required=True, help="slots file to write (.safetensors)")
         return p
-    if command == "generate":
-        p.add_argument("slots", nargs="?", default=None, help="slots file written by `icae compress` (or --context)")
-        p.add_argument("--context", default=None,
-                       help="compress this file first instead of reading a slots file (.txt: one context; "
-                            ".json/.jsonl/.parquet: one per text)")
-    else:
-        p.add_argument("slots", help="slots file written by `icae compress`")
+    p.add_argument("slots", nargs="?", default=None, help="slots file written by `icae compress` (or --context)")
+    p.add_argument("--context", default=None,
+                   help="compress this file first instead of reading a slots file (.txt: one context; "
+                        ".json/.jsonl/.parquet: one per text; -: standard input)")
     p.add_argument("--max_new_tokens", type=int, default=None if command == "reconstruct" else 64)
     p.add_argument("--json", action="store_true", help="print a JSON list of strings instead of plain text")
     if command == "generate":
@@ -70,6 +76,11 @@ def _read_contexts(source: str) -> list[str]:
 
     from icae.data.texts import _read, load_texts
 
+    if source == "-":
+        text = sys.stdin.read()
+        if not text.strip():
+            raise UserError("standard input is empty: pipe a text in, or pass a file")
+        return [text]
     path = Path(source).expanduser()
     if source.startswith("builtin:") or path.is_dir() or path.suffix.lower() in (".json", ".jsonl", ".parquet"):
         return load_texts(source)
@@ -85,6 +96,8 @@ def main(argv: list[str], command: str = "compress") -> int:
     if command == "compress":
         if args.text is not None:
             texts = [args.text]
+        elif args.file == "-":
+            texts = _read_contexts("-")
         else:
             from icae.data.texts import load_texts
 
@@ -95,14 +108,8 @@ def main(argv: list[str], command: str = "compress") -> int:
         print(f"compressed {len(texts)} texts ({sum(memory.text_lengths)} tokens) into {memory.num_slots} slots: "
               f"{args.output}")
         return 0
-    if command == "reconstruct":
-        memory = Memory.load(args.slots)
-        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
-        _print_texts(reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
-                     args.json)
-        return 0
     if (args.slots is None) == (args.context is None):
-        raise UserError("icae generate reads either a slots file or --context FILE: give one of them")
+        raise UserError(f"icae {command} reads either a slots file or --context FILE: give one of them")
     if args.context is not None:
         texts = _read_contexts(args.context)  # checked before the model loads
         model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
@@ -110,6 +117,10 @@ def main(argv: list[str], command: str = "compress") -> int:
     else:
         memory = Memory.load(args.slots)
         model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    if command == "reconstruct":
+        _print_texts(reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+                     args.json)
+        return 0
     prompts = args.prompt or [None]
     answers = [
         generate(model, memory, prompt=prompt, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
