@@ -52,3 +52,38 @@ def test_shipped_checkpoint_loads_by_name(trained, monkeypatch):
     assert model.reconstruct(model.compress(TEXTS[:1]))[0] == TEXTS[0]
     with pytest.raises(UserError, match="tiny-icae"):  # the error names what is shipped
         load_checkpoint("no-such-checkpoint", device="cpu")
+
+
+def test_truncated_svd_is_exact_at_full_rank_and_best_below():
+    from icae.recipes.export import truncate_lora
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 20, generator=g), torch.randn(30, 6, generator=g)
+    a2, b2 = truncate_lora(a, b, 2.0, 6)
+    torch.testing.assert_close(b2 @ a2, 2.0 * b @ a, rtol=1e-5, atol=1e-5)
+    a3, b3 = truncate_lora(a, b, 2.0, 3)
+    singular = torch.linalg.svdvals(2.0 * b.double() @ a.double())
+    error = torch.linalg.matrix_norm((b3 @ a3).double() - 2.0 * b.double() @ a.double())
+    assert error.item() == pytest.approx(singular[3:].norm().item(), rel=1e-4)  # Eckart-Young
+
+
+def test_export_at_a_lower_rank_keeps_what_the_model_does(trained):
+    out = trained / "rank4"
+    assert export(["--checkpoint", str(trained / "run"), "--output", str(out), "--lora_rank", "4",
+                   "--dtype", "float32"]) == 0
+    small = ICAE.from_pretrained(out)
+    assert small.config.lora_r == small.config.lora_alpha == 4
+    info = json.loads((out / "icae_config.json").read_text())["training"]
+    assert info["lora_rank_before_export"] == 8
+    full = ICAE.from_pretrained(trained / "run")
+    # every LoRA update of the small model is the best rank-4 approximation of the full one's
+    scale = full.config.lora_alpha / full.config.lora_r
+    big, low = dict(full.named_parameters()), dict(small.named_parameters())
+    for name in [n for n in big if ".lora_A." in n][:6]:
+        b_name = name.replace(".lora_A.", ".lora_B.")
+        target = scale * big[b_name].double() @ big[name].double()
+        error = torch.linalg.matrix_norm(low[b_name].double() @ low[name].double() - target)
+        assert error.item() == pytest.approx(torch.linalg.svdvals(target)[4:].norm().item(), rel=1e-3, abs=1e-6)
+    torch.testing.assert_close(low["memory_embeddings.weight"], big["memory_embeddings.weight"])
+    with pytest.raises(UserError, match="--lora_rank"):
+        export(["--checkpoint", str(trained / "run"), "--output", str(trained / "bad"), "--lora_rank", "8"])

@@ -20,7 +20,8 @@ RECORDS = [  # a run resumed after step 20: the second process's CPU clock start
     {"step": 10, "cpu_seconds": 50.0, "loss": 5.0},
     {"step": 20, "cpu_seconds": 100.0, "eval_loss": 4.0, "eval_token_accuracy": 0.1, "eval_bleu": 2.0},
     {"step": 30, "cpu_seconds": 40.0, "loss": 3.0},
-    {"step": 40, "cpu_seconds": 90.0, "eval_loss": 2.0, "eval_token_accuracy": 0.6, "eval_bleu": 40.0},
+    {"step": 40, "cpu_seconds": 90.0, "eval_loss": 2.0, "eval_token_accuracy": 0.6, "eval_bleu": 40.0,
+     "eval_exact_match": 0.25},
     {"step": 40, "cpu_seconds": 91.0, "train_runtime": 100.0, "train_loss": 4.0},
 ]
 
@@ -34,6 +35,7 @@ def test_summary_has_accuracy_against_cpu_time(tmp_path):
     row = summarize(make_run(tmp_path / "a", RECORDS))
     assert row["accuracy_curve"] == [(20, 100.0, 0.1), (40, 190.0, 0.6)]
     assert row["final_eval_token_accuracy"] == 0.6 and row["final_eval_bleu"] == 40.0
+    assert row["final_eval_exact_match"] == 0.25
     assert row["cpu_seconds"] == 191.0 and row["final_eval_ae_loss"] == 2.0
 
 
@@ -42,7 +44,7 @@ def test_report_writes_png_table_and_json(tmp_path, capsys):
     make_run(tmp_path / "runs" / "b", RECORDS[:2], layout="default")
     assert main([str(tmp_path / "runs"), "-o", str(tmp_path / "out")]) == 0
     table = (tmp_path / "out.md").read_text()
-    assert "token accuracy" in table and "| 0.600 |" in table and "| 0.100 |" in table
+    assert "token accuracy" in table and "| 0.600 | 0.250 |" in table and "| 0.100 |" in table
     data = json.loads((tmp_path / "out.json").read_text())
     assert [r["run"] for r in data["runs"]] == ["a", "b"]
     assert (tmp_path / "out.png").stat().st_size > 10_000

@@ -58,8 +58,8 @@ def summarize(run: Path) -> dict:
     """The numbers the table shows for one run."""
     records = read_metrics(run)
     cpu = cumulative_cpu_seconds(records)
-    accuracy = sorted({r["step"]: (c, r["eval_token_accuracy"], r.get("eval_bleu")) for r, c in zip(records, cpu)
-                       if r.get("eval_token_accuracy") is not None}.items())
+    accuracy = sorted({r["step"]: (c, r["eval_token_accuracy"], r.get("eval_bleu"), r.get("eval_exact_match"))
+                       for r, c in zip(records, cpu) if r.get("eval_token_accuracy") is not None}.items())
     config = json.loads((run / "run_config.json").read_text()) if (run / "run_config.json").is_file() else {}
     icae = config.get("icae", {})
     evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
@@ -82,6 +82,7 @@ def summarize(run: Path) -> dict:
         "eval_bleu4": bleu,
         "final_eval_token_accuracy": accuracy[-1][1][1] if accuracy else None,
         "final_eval_bleu": accuracy[-1][1][2] if accuracy else None,
+        "final_eval_exact_match": accuracy[-1][1][3] if accuracy else None,
         "cpu_seconds": max((c for c in cpu if c is not None), default=None),
         "text_tokens_per_second": round(tokens / runtime, 1) if runtime and tokens else None,
         "trainable_params": config.get("trainable_params"),
@@ -89,7 +90,7 @@ def summarize(run: Path) -> dict:
         "steps": final.get("step") or (train[-1][0] if train else 0),
         "eval_curve": evals,
         "train_curve": train,
-        "accuracy_curve": [(step, c, acc) for step, (c, acc, _) in accuracy],  # (step, CPU s, token accuracy)
+        "accuracy_curve": [(step, c, acc) for step, (c, acc, *_) in accuracy],  # (step, CPU s, token accuracy)
     }
 
 
@@ -122,16 +123,16 @@ def fmt(value, digits=4):
 
 def markdown(rows: list[dict], groups: list[dict]) -> str:
     lines = [
-        "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | BLEU-4 "
-        "| text tokens/s | trainable params | wall time (s) | CPU time (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | exact match "
+        "| BLEU-4 | text tokens/s | trainable params | wall time (s) | CPU time (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         bleu = r.get("final_eval_bleu") if r.get("final_eval_bleu") is not None else r.get("eval_bleu4")
         lines.append(
             f"| {r['run']} | {r['layout']} | {r['lora_target_modules']} | {r['decoder_mode']} | {fmt(r['seed'])} | "
             f"{fmt(r['steps'])} | {fmt(r['final_eval_ae_loss'])} | {fmt(r.get('final_eval_token_accuracy'), 3)} | "
-            f"{fmt(bleu, 2)} | {fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | "
+            f"{fmt(r.get('final_eval_exact_match'), 3)} | {fmt(bleu, 2)} | {fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | "
             f"{fmt(r['wall_time_s'], 0)} | {fmt(r.get('cpu_seconds'), 0)} |"
         )
     lines += ["", "Over seeds (final eval AE loss):", "",
