@@ -20,11 +20,13 @@ run epl-shared-rate1 --position_layout epl --decoder_mode shared --fixed_mem_siz
   --max_steps 200                                                                                # stopped at step 80
 run long-r16 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 --lora_r 16 --lora_alpha 32 \
   --max_steps 3000 --save_steps 100                                                              # stopped at step 80
-# The run that broke the plateau: first to step 200 (as a 300-step probe), then resumed with a longer horizon
-# (the constant schedule makes the continuation the same schedule):
-run epl-shared-memlr --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2
+# The run that broke the plateau: started as a 300-step probe and stopped at step 200, then resumed from
+# checkpoint-200 with a longer horizon (the constant schedule makes the continuation the same schedule;
+# the longer horizon lists each text more often, so the data order after step 200 is that of the 3000-step
+# run); resumed once more from checkpoint-600 with 2 threads (THREADS=2), stopped after step 850.
+run epl-shared-memlr --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2   # stopped at 200
 run epl-shared-memlr --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 --max_steps 3000
 # The long run at the target length (64-token texts -> 16 slots, rate 4), LoRA rank 16 so that it ships in 12 MB:
 run long64-r16 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 --lora_r 16 --lora_alpha 32 \
-  --model_max_length 64 --fixed_mem_size 16 --per_device_train_batch_size 4 --max_steps 4000
+  --model_max_length 64 --fixed_mem_size 16 --per_device_train_batch_size 4 --max_steps 4000  # stopped at 250
 icae report runs/probes -o docs/results/compressor/report
