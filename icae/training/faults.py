@@ -14,6 +14,7 @@ The exit statuses these end with are in icae/errors.py.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import json
@@ -184,6 +185,35 @@ class OutputDirLock:
     def _busy(self, holder: dict | None) -> str:
         return (f"output_dir {self.folder} is in use by another run ({_describe(holder)}): wait for it to end "
                 "or stop it (SIGTERM saves a checkpoint), or choose another --output_dir")
+
+
+_held: dict[Path, OutputDirLock] = {}  # the output_dirs this process's runs hold
+
+
+def check_output_dir(folder: str | Path) -> None:
+    """Refuse at once when another live run holds `folder` (this process's own lock is no obstacle)."""
+    if Path(folder).resolve() not in _held:
+        OutputDirLock(folder).check()
+
+
+def hold_output_dir(folder: str | Path) -> None:
+    """Lock `folder` for this run, until `release_output_dir` or the end of the process. A later run in
+    the same process (after one that failed before releasing) keeps the lock instead of refusing itself."""
+    key = Path(folder).resolve()
+    if key not in _held:
+        _held[key] = OutputDirLock(folder).acquire()
+
+
+def release_output_dir(folder: str | Path) -> None:
+    lock = _held.pop(Path(folder).resolve(), None)
+    if lock is not None:
+        lock.release()
+
+
+@atexit.register
+def _release_all() -> None:  # the kernel drops the flocks anyway; this removes the files
+    for key in list(_held):
+        release_output_dir(key)
 
 
 def _flock(fd: int, operation: int) -> bool | None:
