@@ -84,7 +84,7 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
-            control.should_evaluate = False  # the grace period is short: save first, evaluate after resuming
+            control.should_evaluate = False  # the grace period is short: this step's evaluation is skipped
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
