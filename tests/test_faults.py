@@ -225,6 +225,33 @@ def test_sigterm_to_icae_ablate_reaches_its_run_and_stops_the_grid(workspace, tm
     assert not (root / "epl-seed42").exists(), "the grid stops: the next run does not start"
 
 
+def test_sigterm_stops_icae_finetune_the_same_way(workspace, tmp_path):
+    """The fine-tuning recipe shares the Trainer and the output_dir handling: 143, one checkpoint, resumable."""
+    root, model = workspace
+    pre = root / "pre"
+    if not pre.exists():
+        assert pretrain(shlex.split(f"--model_name_or_path {model} --train_file {root}/train.json --output_dir {pre} "
+                                    "--fixed_mem_size 4 --lora_r 4 --model_max_length 32 --max_steps 1 "
+                                    "--eval_strategy no --save_strategy no --report_to none")) == 0
+    records = [{"input": f"alpha beta gamma #{i}", "prompt": "First word?", "answer": "alpha"} for i in range(16)]
+    (tmp_path / "qa.json").write_text(json.dumps(records))
+    out = tmp_path / "finetuned"
+    cmd = [sys.executable, "-m", "icae", "finetune", "--restore_from", str(pre), "--train_file",
+           str(tmp_path / "qa.json"), "--eval_strategy", "no", "--output_dir", str(out), "--max_steps", "40",
+           "--save_strategy", "no", "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "True",
+           "--per_device_train_batch_size", "2"]
+    proc = start(cmd, tmp_path, "finetune")
+    wait_for(logged_step(out, 2), proc, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == EXIT_PREEMPTED, read(tmp_path, "finetune")[-3000:]
+    (checkpoint,) = complete_checkpoints(out)
+    assert f"stopped: SIGTERM after step {checkpoint.name.split('-')[1]} of 40" in read(tmp_path, "finetune")
+    assert not (out / LOCK_NAME).exists()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resume: {checkpoint}" in proc.stdout
+
+
 # ----------------------------------------------------------------------------- a second launch
 
 
@@ -267,6 +294,18 @@ def test_lock_refuses_a_second_holder_until_released(tmp_path):
     OutputDirLock(folder).check()
     with OutputDirLock(folder):
         pass
+
+
+def test_a_later_run_in_the_same_process_keeps_the_lock_a_failed_one_left(tmp_path):
+    """A run that failed after taking the lock (in a notebook, a test) does not make the next one refuse itself."""
+    folder = tmp_path / "run"
+    faults.hold_output_dir(folder)  # ... and the run fails before releasing it
+    faults.check_output_dir(folder)
+    faults.hold_output_dir(folder)
+    with pytest.raises(UserError, match="in use by another run"):
+        OutputDirLock(folder).check()  # still locked against other processes
+    faults.release_output_dir(folder)
+    assert not (folder / LOCK_NAME).exists()
 
 
 def test_lock_without_flock_goes_by_the_pid(tmp_path, monkeypatch, capsys):
