@@ -1,7 +1,8 @@
 """The `icae` command: a thin dispatcher to one recipe module per subcommand.
 
 Each recipe exposes `main(argv: list[str]) -> int | None`. Problems the user can fix raise
-`UserError`, printed here as one line (the traceback only with `--debug`).
+`UserError`, printed here as one line (the traceback only with `--debug`); so is a write that finds
+the disk full, wherever it happens. The exit statuses are the constants in icae/errors.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from icae.errors import UserError
+from icae.errors import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, Preempted, UserError, disk_full_reason
 
 _PACKAGE = Path(__file__).resolve().parent
 _default_formatwarning = warnings.formatwarning
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     previous = warnings.formatwarning
     if not debug:
         warnings.formatwarning = _formatwarning
@@ -88,7 +89,7 @@ def _run(command: str, rest: list[str], debug: bool) -> None:
         if err.name != COMMANDS[command][0]:
             raise
         print(f"error: `icae {command}` is not available in this version of icae", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER_ERROR)
     try:
         entry = getattr(module, "main")
         code = entry(rest, command=command) if command in ("compress", "reconstruct", "generate") else entry(rest)
@@ -97,8 +98,21 @@ def _run(command: str, rest: list[str], debug: bool) -> None:
             raise
         _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+    except Preempted as err:  # not a failure: a complete checkpoint was written, rerunning resumes
+        _close_progress_bars()
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as err:
+        reason = disk_full_reason(err)
+        if reason is None or debug:
+            raise
+        _close_progress_bars()
+        where = f" while writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
+        print(f"error: the disk is full ({reason}){where}: free space, then rerun", file=sys.stderr)
+        sys.exit(EXIT_DISK_FULL)
     sys.exit(code or 0)

@@ -1,5 +1,48 @@
-"""One exception type for problems the user can fix; the CLI prints it as one line."""
+"""The exceptions a command ends with, and the exit statuses they give (one place, documented in README).
+
+A requeue script reads the status: 143 means "stopped on request with a checkpoint: rerun to resume",
+28 "the disk is full: free space, then rerun", 2 "fix the command", 130 "stopped at once (Ctrl-C twice)".
+"""
+
+EXIT_USER_ERROR = 2  # a bad flag, file or model, or an output_dir another run is using
+EXIT_DISK_FULL = 28  # the errno of ENOSPC: the disk or quota filled up while writing
+EXIT_INTERRUPTED = 130  # a second Ctrl-C (or one outside training): stopped at once, no new checkpoint
+EXIT_PREEMPTED = 143  # SIGTERM, SIGUSR1 or a first Ctrl-C: stopped after a step with a complete checkpoint
 
 
 class UserError(Exception):
     """Bad input, a bad flag or a missing file: the message names the problem and the fix."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class DiskFull(UserError):
+    """No space left (ENOSPC) or quota exceeded (EDQUOT) while writing: the message says where."""
+
+    exit_code = EXIT_DISK_FULL
+
+
+class Preempted(Exception):
+    """Training stopped on request (a scheduler's SIGTERM/SIGUSR1, or Ctrl-C) after saving a complete
+    checkpoint; the message says where. Not a failure: running the same command again resumes."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+def disk_full_reason(err: BaseException) -> str | None:
+    """'No space left on device' or 'Disk quota exceeded' when `err` (or what caused it) is a write that
+    ran out of space, else None. Libraries that do not raise OSError (safetensors) still name the errno."""
+    import errno
+    import os
+
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in codes:
+            return os.strerror(seen.errno)
+        text = str(seen)
+        for code in codes:
+            if os.strerror(code) in text or f"os error {code})" in text:
+                return os.strerror(code)
+        seen = seen.__cause__ or seen.__context__
+    return None

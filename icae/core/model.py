@@ -269,7 +269,11 @@ class ICAE(nn.Module):
         state = self.trainable_state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        save_file(state, str(tmp))
+        try:
+            save_file(state, str(tmp))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: give back what the torn file took
+            raise
         tmp.replace(directory / WEIGHTS_NAME)  # a kill mid-save never leaves a torn weights file
         lora = self.lora_config.to_dict()
         lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}

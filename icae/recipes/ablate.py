@@ -6,6 +6,9 @@ decoder {frozen (ICAE v2's), shared}; `layout` = layout {default, epl} only. `--
 repeats each run per seed. Every run gets the same data, data order and seed, runs in its own
 process one after another, is skipped when already finished, and a failed run does not stop the
 others. Finally `icae report` is written to DIR/report.{png,md,json}.
+
+A scheduler's SIGTERM/SIGUSR1 to this process is passed on to the run in progress, which saves a
+checkpoint; the grid then stops with that run's status (143), and the same command resumes it.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from icae.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 FINISHED = "FINISHED"
 GRIDS = {
@@ -49,6 +55,21 @@ def grid_runs(grid: str, seeds: list[int]) -> list[tuple[str, dict]]:
 def run_command(point: dict, out: Path, passthrough: list[str]) -> list[str]:
     flags = [f"--{k}={v}" for k, v in point.items()]
     return [sys.executable, "-m", "icae", "pretrain", *passthrough, *flags, "--output_dir", str(out)]
+
+
+def run_one(cmd: list[str], log) -> int:
+    """One grid point in its own process. SIGTERM/SIGUSR1 sent to this process (Kubernetes signals only
+    the first process) go on to it; Ctrl-C, which the terminal sends to both, is left to it alone."""
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, forward),
+                signal.SIGUSR1: signal.signal(signal.SIGUSR1, forward),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        return proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: list[str]) -> int:
@@ -100,8 +121,12 @@ def main(argv: list[str]) -> int:
             cmd.append("--overwrite_output_dir")  # a failed run without checkpoints: start it again
         start = time.time()
         with open(root / f"{name}.log", "a") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+            code = run_one(cmd, log)
         took = time.time() - start
+        if code in (EXIT_PREEMPTED, EXIT_INTERRUPTED):
+            print(f"[{i}/{len(runs)}] {name}: stopped (exit {code}, see {root / (name + '.log')}); the grid stops "
+                  "here: run the same command again to resume it", file=sys.stderr)
+            return code
         if code == 0:
             (out / FINISHED).write_text(json.dumps({"seconds": round(took, 1), "command": cmd}) + "\n")
             status[name] = "ok"

@@ -157,11 +157,14 @@ def resolve_output_dir(args: ICAETrainingArguments) -> Path | None:
     Only complete checkpoints count (marker present, weights file whole): a folder half-written
     when a process died is never taken as the latest.
     """
+    from icae.training.faults import LOCK_NAME, check_output_dir
     from icae.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
+    if args.should_save:  # a live run writing there: refuse before reading its checkpoints
+        check_output_dir(out)
     if args.resume_from_checkpoint not in (None, "", "False", "false"):
         if args.resume_from_checkpoint in ("True", "true", "last"):
             last = last_complete_checkpoint(out)
@@ -178,8 +181,8 @@ def resolve_output_dir(args: ICAETrainingArguments) -> Path | None:
                 f"resume from {last or 'another checkpoint'} instead"
             )
         return path
-    if args.overwrite_output_dir or not out.is_dir() or not any(out.iterdir()):
-        return None
+    if args.overwrite_output_dir or not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return None  # (a lock left by a run killed early does not make the folder another run's)
     last = last_complete_checkpoint(out)
     if last is None:
         raise UserError(
@@ -460,16 +463,22 @@ def check_checkpoints(planned, args: ICAETrainingArguments, resume: Path | None,
 
 
 def prepare_output_dir(args: ICAETrainingArguments, resume: Path | None) -> Path:
-    """The side effects on output_dir once the run is known to be able to start: emptied under
-    --overwrite_output_dir, stale checkpoints tidied on resume, created; wandb set up there."""
+    """The side effects on output_dir once the run is known to be able to start: locked for this run
+    (until train_and_save ends), emptied under --overwrite_output_dir, stale checkpoints tidied on resume,
+    created; wandb set up there."""
+    from icae.training.faults import LOCK_NAME, hold_output_dir
+
     if args.disable_datasets_cache:
         from datasets import disable_caching
 
         disable_caching()
     out = Path(args.output_dir)
+    if args.should_save:
+        hold_output_dir(out)
     if args.overwrite_output_dir and out.is_dir() and resume is None and args.should_save:
         for child in out.iterdir():  # start afresh: old metrics and checkpoints would mix with the new run
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     if resume is not None and args.should_save:
         tidy_checkpoints(out, resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -478,14 +487,20 @@ def prepare_output_dir(args: ICAETrainingArguments, resume: Path | None) -> Path
 
 
 def train_and_save(trainer, args: ICAETrainingArguments, resume: Path | None, evaluate: bool) -> None:
-    """Train (resuming from `resume`), save the final weights to output_dir, evaluate once more."""
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.save_model(args.output_dir)
-    if evaluate:
-        trainer.evaluate()
-    if "wandb" in (args.report_to or []):  # close the run now (an offline one is complete on disk), not at exit
-        import wandb
+    """Train (resuming from `resume`), save the final weights to output_dir, evaluate once more; then
+    release output_dir's lock, also when training stops early (preempted, a full disk, an error)."""
+    from icae.training.faults import release_output_dir
 
-        if wandb.run is not None:
-            wandb.finish()
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.save_model(args.output_dir)
+        if evaluate:
+            trainer.evaluate()
+        if "wandb" in (args.report_to or []):  # close the run now (an offline one is complete on disk)
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish()
+    finally:
+        release_output_dir(args.output_dir)
 

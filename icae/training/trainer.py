@@ -7,6 +7,10 @@ killed mid-save never leaves a folder that resume would take as the latest. Rota
 
 A NaN or infinite loss, gradient or weight stops training with `TrainingDiverged` before anything
 non-finite is applied or saved, so the last checkpoint on disk stays good.
+
+While `train()` runs, SIGTERM, SIGUSR1 and a first Ctrl-C stop training after the current step with a
+complete checkpoint and raise `Preempted` (icae/training/faults.py). A save that finds the disk full
+removes its half-written folder and raises `DiskFull` naming the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from icae.core.base_model import safetensors_problem
-from icae.errors import UserError
+from icae.errors import DiskFull, Preempted, UserError
 from icae.core.model import ICAE, WEIGHTS_NAME
+from icae.training.faults import StopOnSignal, disk_full_reason
 
 COMPLETE_MARKER = "COMPLETE"
 METRICS_FILE = "metrics.jsonl"
@@ -87,17 +92,31 @@ class ICAETrainer(Trainer):
         self.text_tokens = 0  # text tokens compressed so far, on this process
         self._tokens_at_log = (0, time.perf_counter())
         self.add_callback(_FiniteGradientGuard(self))
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
 
     def train(self, *args, **kwargs):
         try:
-            return super().train(*args, **kwargs)
+            with self.stop_on_signal.installed():
+                output = super().train(*args, **kwargs)
         except BaseException:
-            for callback in self.callback_handler.callbacks:  # end the progress bar, so the error starts a line
-                bar = getattr(callback, "training_bar", None)
-                if bar is not None:
-                    bar.close()
-                    callback.training_bar = None
+            self._close_progress_bar()
             raise
+        step = self.stop_on_signal.stopped_at
+        if step is not None:
+            self._close_progress_bar()
+            folder = Path(self.args.output_dir) / f"checkpoint-{step}"
+            raise Preempted(f"{self.stop_on_signal.signal_name} after step {step} of {self.state.max_steps}: saved "
+                            f"{folder}; run the same command again to resume from it")
+        return output
+
+    def _close_progress_bar(self) -> None:
+        """End the progress bar, so that what is printed next starts a line."""
+        for callback in self.callback_handler.callbacks:
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
 
     def create_optimizer(self, model=None):
         """Trainer's optimizer, with the memory embeddings in a group of their own when
@@ -171,6 +190,20 @@ class ICAETrainer(Trainer):
         model.save_pretrained(output_dir or self.args.output_dir)
         torch.save(self.args, os.path.join(output_dir or self.args.output_dir, "training_args.bin"))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call:  # a checkpoint: _save_checkpoint reports a full disk
+            return super().save_model(output_dir, _internal_call)
+        folder = Path(output_dir or self.args.output_dir)
+        try:
+            super().save_model(output_dir, _internal_call)
+        except UserError:
+            raise
+        except Exception as err:
+            reason = disk_full_reason(err, folder)
+            if reason is None:
+                raise
+            raise self._disk_full(f"the final weights to {folder}", reason) from err
+
     def _save_checkpoint(self, model, trial) -> None:
         self._check_finite_weights()  # on every rank, before anything is written
         run_dir = Path(self._get_output_dir(trial))
@@ -183,11 +216,28 @@ class ICAETrainer(Trainer):
         self.args.save_total_limit = None
         try:
             super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are written before the marker
+            if self.args.should_save:
+                (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
+        except UserError:  # non-finite weights: nothing was written
+            raise
+        except Exception as err:
+            reason = disk_full_reason(err, folder)  # before the removal frees the space
+            if reason is None:
+                raise
+            if self.args.should_save:
+                remove_checkpoint(folder)
+            raise self._disk_full(f"{folder.name} to {run_dir}", reason) from err
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
-            (folder / COMPLETE_MARKER).write_text(f"step {self.state.global_step}\n")
             self._rotate_complete_checkpoints(run_dir)
+
+    def _disk_full(self, what: str, reason: str) -> DiskFull:
+        last = last_complete_checkpoint(self.args.output_dir)
+        then = (f"rerun to resume from {last.name}" if last else
+                "rerun with --overwrite_output_dir (no complete checkpoint was saved yet)")
+        return DiskFull(f"the disk is full while saving {what} ({reason}): free space and {then}")
 
     def _rotate_complete_checkpoints(self, run_dir: Path) -> None:
         limit = self.args.save_total_limit
