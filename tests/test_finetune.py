@@ -115,6 +115,25 @@ def test_the_decoder_mode_is_the_checkpoints_unless_a_flag_says_otherwise(ws):
     assert given_flags(["--lora-r=4", "--x", "1", "value"]) == {"lora_r", "x"}
 
 
+def test_restore_from_takes_a_shipped_checkpoints_name(tmp_path, monkeypatch):
+    """`--restore_from smollm2-135m-icae` means the shipped folder (as `--checkpoint` does elsewhere),
+    its layout and sizes are taken; a folder of that name in the working directory would win."""
+    from icae.core.config import SHIPPED_DIR, ICAEConfig, shipped_checkpoints
+
+    name = "smollm2-135m-icae"
+    assert name in shipped_checkpoints()
+    monkeypatch.chdir(tmp_path)
+    argv = ["--restore_from", name]
+    model_args = parse_args(argv)[0]
+    assert model_args.restore_from == str(SHIPPED_DIR / name)
+    saved, _ = ICAEConfig.load(SHIPPED_DIR / name)
+    config = finetune_config(model_args, given_flags(argv))
+    assert (config.position_layout, config.fixed_mem_size, config.lora_r) == \
+        (saved.position_layout, saved.fixed_mem_size, saved.lora_r)
+    (tmp_path / name).mkdir()
+    assert parse_args(argv)[0].restore_from == name
+
+
 def test_templated_tokenizer_rows(ws):
     tok = byte_tokenizer()
     tok.chat_template = BOS_TEMPLATE

@@ -141,6 +141,10 @@ def parse_args(argv: list[str], types: tuple = (ModelArguments, DataArguments, P
             (f"unknown flag {', '.join(flags)}" if flags else f"unexpected argument {' '.join(rest)}")
             + f"; see `{prog} --help` for the flags"
         )
+    if getattr(model_args, "restore_from", None):  # a shipped checkpoint's name, as with --checkpoint elsewhere
+        from icae.core.config import resolve_checkpoint
+
+        model_args.restore_from = str(resolve_checkpoint(model_args.restore_from))
     return model_args, data_args, train_args
 
 
