@@ -94,6 +94,56 @@ def summarize(run: Path) -> dict:
     }
 
 
+def describe(values: list[float]) -> dict:
+    """n, mean, sample std (n-1; None below 2 values), min and max: the spread a reader needs to judge seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` (maybe fractional) degrees of freedom.
+
+    scipy is not a dependency; mpmath is (torch needs sympy, which needs mpmath): solve
+    P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 = 1 - p for t with its regularized incomplete beta."""
+    import mpmath
+
+    tail = 1 - mpmath.mpf(str(p))  # from the decimal string, so that 0.975 is exactly 0.975
+    upper = lambda t: mpmath.betainc(mpmath.mpf(df) / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: upper(t) - tail, (0, 1e6), solver="illinois"))
+
+
+def contrast_interval(samples: list[list[float]], weights: list[float], level: float = 0.95) -> dict:
+    """sum(w_i * mean_i) over independent groups, with a Welch t interval (Welch-Satterthwaite df).
+
+    With two groups and weights (+1, -1) this is Welch's two-sample interval for a difference of means;
+    with four groups and (+1, -1, -1, +1) it is the interval of a difference of two such differences
+    (an interaction). Seeds are few, so no normal approximation; any group with fewer than 2 values has
+    no variance estimate and gets no interval ("n<2")."""
+    samples = [[v for v in s if v is not None] for s in samples]
+    n = [len(s) for s in samples]
+    out = {"estimate": None, "low": None, "high": None, "df": None, "level": level, "n": n, "note": None}
+    if min(n) == 0:
+        out["note"] = "no values"
+        return out
+    out["estimate"] = sum(w * statistics.fmean(s) for w, s in zip(weights, samples))
+    if min(n) < 2:
+        out["note"] = "n<2"
+        return out
+    parts = [w * w * statistics.variance(s) / len(s) for w, s in zip(weights, samples)]  # var of w_i * mean_i
+    se = sum(parts) ** 0.5
+    if se == 0:  # every seed gave the same value: no spread to build a t interval from
+        out["low"] = out["high"] = out["estimate"]
+        out["note"] = "no spread"
+        return out
+    out["df"] = sum(parts) ** 2 / sum(v * v / (k - 1) for v, k in zip(parts, n))
+    half = t_quantile(0.5 + level / 2, out["df"]) * se
+    out["low"], out["high"] = out["estimate"] - half, out["estimate"] + half
+    return out
+
+
 def group_over_seeds(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
