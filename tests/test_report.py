@@ -262,3 +262,11 @@ def test_interactions_combine_four_cells(seed_report):
     assert decoder["levels"] == ["shared", "frozen"] and decoder["difference"]["final_eval_ae_loss"]["note"] == "n<2"
     assert "(epl − default \\| all-linear) − (epl − default \\| q,v (default))" in path.with_suffix(".md").read_text()
 
+
+def test_plot_has_the_over_seeds_row(seed_report):
+    from PIL import Image
+
+    path, _ = seed_report
+    with Image.open(path.with_suffix(".png")) as image:
+        assert image.height > 1000  # two rows of panels: the runs, then the means over seeds with bands
+    assert "min–max over seeds" in path.with_suffix(".md").read_text()

@@ -282,6 +282,9 @@ def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: li
             f"{fmt(r['wall_time_s'], 0)} | {fmt(r.get('cpu_seconds'), 0)} |"
         )
     lines += ["", *cell_table(cells)]
+    if has_replicates(cells):
+        lines += ["", f"The plot's bottom row: per cell, the mean over seeds against step, {BAND}, at the eval "
+                  "steps that all the cell's seeds share."]
     if effects:
         lines += ["", *effect_table(effects)]
     if inter:
@@ -370,15 +373,31 @@ def interaction_table(inter: list[dict]) -> list[str]:
     return lines
 
 
-def plot(rows: list[dict], path: Path) -> None:
+BAND = "band: min–max over seeds"
+
+
+def has_replicates(cells: list[dict]) -> bool:
+    return any(len(c["runs"]) > 1 for c in cells)
+
+
+def cell_label(cell: dict) -> str:
+    parts = [str(cell["layout"]), str(cell["lora_target_modules"]), str(cell["decoder_mode"])]
+    return " · ".join(parts + [f"{k}={v}" for k, v in cell["other"].items()]) + f" (n={len(cell['runs'])})"
+
+
+def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
+    """Top row: every run's curves. Bottom row (when some cell has several seeds): per cell the mean over
+    seeds with a shaded min–max band, at the eval steps all its seeds share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with_accuracy = any(r.get("accuracy_curve") for r in rows)
-    fig, axes = plt.subplots(1, 3 if with_accuracy else 2, figsize=(19 if with_accuracy else 13, 4.8))
-    ax_eval, ax_train = axes[0], axes[1]
+    replicated = has_replicates(cells)
+    ncols, nrows = 3 if with_accuracy else 2, 2 if replicated else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(19 if with_accuracy else 13, 4.8 * nrows), squeeze=False)
+    ax_eval, ax_train = axes[0][0], axes[0][1]
     for r in rows:
         style = "-" if r["layout"] == "epl" else "--"
         if r["eval_curve"]:
@@ -388,7 +407,7 @@ def plot(rows: list[dict], path: Path) -> None:
             steps, losses = zip(*r["train_curve"])
             ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8)
     if with_accuracy:
-        ax_acc = axes[2]
+        ax_acc = axes[0][2]
         for r in rows:
             if r.get("accuracy_curve"):
                 _, cpu, acc = zip(*r["accuracy_curve"])
@@ -403,6 +422,26 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in (ax_eval, ax_train):
         ax.grid(alpha=0.3)
     ax_eval.legend(fontsize=7)
+    if replicated:
+        panels = [(axes[1][0], "eval_loss_curve", "eval AE loss", None)]
+        if with_accuracy:
+            panels.append((axes[1][2 if ncols == 3 else 1], "token_accuracy_curve", "held-out token accuracy", (0, 1)))
+        for ax, curve, name, ylim in panels:
+            for cell in cells:
+                c = cell[curve]
+                if not c["steps"]:
+                    continue
+                line, = ax.plot(c["steps"], c["mean"], "-" if cell["layout"] == "epl" else "--", marker="o",
+                                markersize=3, label=cell_label(cell))
+                ax.fill_between(c["steps"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
+            ax.set(title=f"{name}: mean over the seeds of each cell", xlabel="step", ylabel=name)
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, title=BAND, title_fontsize=7)
+        for ax in axes[1]:
+            if not ax.has_data():
+                ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -415,7 +454,7 @@ def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
     inter = interactions(effects)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out.with_suffix(".png"))
+    plot(rows, cells, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter))
     summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "interactions": inter,
                "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
