@@ -1,4 +1,4 @@
-"""`icae report` on hand-made run folders: curves, CPU time across a resume, the table."""
+"""`icae report` on hand-made run folders: curves, CPU time across a resume, the table, statistics over seeds."""
 
 import json
 import math

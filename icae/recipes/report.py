@@ -2,7 +2,11 @@
 
 A run folder is anything with a `metrics.jsonl` (what `icae pretrain` always writes); a folder of
 run folders (what `icae ablate` writes) is expanded. Writes OUT.png (eval AE loss and training
-loss against step), OUT.md (a table, plus mean and spread over seeds) and OUT.json.
+loss against step, token accuracy against CPU time, and per cell the mean curve over seeds with a
+min-max band), OUT.md and OUT.json with the same numbers: one row per run; per cell (runs that
+differ only in their seed) n, mean, std, min and max of the last eval's AE loss, token accuracy and
+BLEU-4; for each default/epl pair the difference of means with a 95% Welch t interval over seeds,
+and how that difference changes with the LoRA targets or the decoder mode (an interaction).
 """
 
 from __future__ import annotations
