@@ -1,11 +1,16 @@
-"""`icae report` on hand-made run folders: curves, CPU time across a resume, the table."""
+"""`icae report` on hand-made run folders: curves, CPU time across a resume, the table, statistics over seeds."""
 
 import json
+import math
+from statistics import NormalDist
 
+import numpy as np
 import pytest
 
 from icae.errors import UserError
-from icae.recipes.report import cumulative_cpu_seconds, main, summarize
+from icae.recipes.report import (
+    align_curves, contrast_interval, cumulative_cpu_seconds, describe, main, summarize, t_quantile,
+)
 
 
 def make_run(path, records, layout="epl", seed=1):
@@ -51,3 +56,217 @@ def test_report_writes_png_table_and_json(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no run folders"):
         main([str(tmp_path / "empty"), "-o", str(tmp_path / "x")])
+
+
+# --- statistics over seeds: checked against numpy and closed forms computed here, not by the module
+
+
+def test_describe_matches_numpy():
+    values = [0.41, 0.47, 0.38]
+    d = describe(values + [None])  # a run without the metric does not count
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(np.mean(values)) and d["std"] == pytest.approx(np.std(values, ddof=1))
+    assert (d["min"], d["max"]) == (0.38, 0.47)
+    assert describe([0.5]) == {"n": 1, "mean": 0.5, "std": None, "min": 0.5, "max": 0.5}
+    assert describe([None]) == {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+
+
+def test_t_quantile_matches_closed_forms():
+    # df=1 is the Cauchy distribution, df=2 has q = (2p-1) / sqrt(2p(1-p)); large df tends to the normal
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)
+    assert t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)
+    assert t_quantile(0.95, 2) == pytest.approx(0.9 / math.sqrt(2 * 0.95 * 0.05), rel=1e-9)
+    assert t_quantile(0.975, 1e4) == pytest.approx(NormalDist().inv_cdf(0.975), abs=3e-4)
+    assert t_quantile(0.975, 3) > t_quantile(0.975, 3.5) > t_quantile(0.975, 4)  # fractional df in between
+
+
+def welch_by_hand(a, b, q):
+    """Welch's interval for mean(a) - mean(b), written out from the textbook formula."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    d = np.mean(a) - np.mean(b)
+    return d, df, (d - q(df) * math.sqrt(va + vb), d + q(df) * math.sqrt(va + vb))
+
+
+def test_welch_interval_matches_the_textbook_formula():
+    a, b = [0.52, 0.58, 0.49], [0.40, 0.47, 0.36, 0.44]
+    got = contrast_interval([a, b], [1, -1])
+    d, df, (lo, hi) = welch_by_hand(a, b, lambda df: t_quantile(0.975, df))
+    assert got["estimate"] == pytest.approx(d) and got["df"] == pytest.approx(df)
+    assert (got["low"], got["high"]) == (pytest.approx(lo), pytest.approx(hi))
+    assert got["low"] > 0  # these two groups are well apart
+    wide = contrast_interval([a, [0.1, 0.9]], [1, -1])
+    assert wide["low"] < 0 < wide["high"]
+
+
+def test_welch_interval_matches_scipy_when_installed():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [0.52, 0.58, 0.49], [0.40, 0.47, 0.36, 0.44]
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    got = contrast_interval([a, b], [1, -1])
+    assert (got["low"], got["high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+
+
+def test_interaction_interval_is_satterthwaite_over_four_groups():
+    g = [[0.6, 0.65, 0.7], [0.3, 0.35, 0.32], [0.5, 0.52, 0.55], [0.4, 0.45, 0.41]]
+    got = contrast_interval(g, [1, -1, -1, 1])
+    v = [np.var(x, ddof=1) / len(x) for x in g]
+    df = sum(v) ** 2 / sum(vi**2 / (len(x) - 1) for vi, x in zip(v, g))
+    est = (np.mean(g[0]) - np.mean(g[1])) - (np.mean(g[2]) - np.mean(g[3]))
+    half = t_quantile(0.975, df) * math.sqrt(sum(v))
+    assert got["estimate"] == pytest.approx(est) and got["df"] == pytest.approx(df)
+    assert (got["low"], got["high"]) == (pytest.approx(est - half), pytest.approx(est + half))
+
+
+def test_fewer_than_two_seeds_give_no_interval():
+    got = contrast_interval([[0.5], [0.4, 0.45]], [1, -1])
+    assert got["note"] == "n<2" and got["low"] is None and got["estimate"] == pytest.approx(0.075)
+    assert contrast_interval([[], [0.4, 0.45]], [1, -1])["estimate"] is None
+    same = contrast_interval([[0.5, 0.5], [0.4, 0.4]], [1, -1])
+    assert same["note"] == "no spread" and same["low"] == same["high"] == pytest.approx(0.1)
+
+
+# --- a fake multi-seed ablation: run folders written here, no model
+
+
+def make_seed_run(root, layout, targets, decoder, seed, acc, loss, steps=(20, 40, 60), reconstruction=True, lora_r=32):
+    """A finished run whose last eval has token accuracy `acc` and AE loss `loss`; earlier evals are worse."""
+    name = f"{layout}-{targets or 'qv'}-{decoder}-r{lora_r}-seed{seed}"
+    records = []
+    for step in steps:
+        records.append({"step": step, "cpu_seconds": step * 10.0, "loss": loss + 1.0})
+        ev = {"step": step, "cpu_seconds": step * 10.0 + 5, "eval_loss": loss + (steps[-1] - step) / 100}
+        if reconstruction:
+            ev |= {"eval_token_accuracy": acc * step / steps[-1], "eval_bleu": 100 * acc * step / steps[-1],
+                   "eval_exact_match": 0.0}
+        records.append(ev)
+    records.append({"step": steps[-1], "cpu_seconds": steps[-1] * 10.0 + 9, "train_runtime": 99.0})
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = {"icae": {"position_layout": layout, "lora_target_modules": targets, "decoder_mode": decoder,
+                       "lora_r": lora_r}, "examples": {"model_max_length": 32}, "seed": seed,
+              "trainable_params": 10 if targets else 5}
+    (path / "run_config.json").write_text(json.dumps(config))
+    return path
+
+
+QV, ALL = "q,v (default)", "all-linear"
+DEFAULT_QV = {"acc": [0.40, 0.44, 0.37], "loss": [1.2, 1.1, 1.35]}  # the two 3-seed cells of the brief
+EPL_QV = {"acc": [0.52, 0.58, 0.49], "loss": [0.9, 0.8, 1.0]}
+DEFAULT_ALL = {"acc": [0.45, None], "loss": [1.0, 1.1]}  # seed 2 has no reconstruction metrics
+EPL_ALL = {"acc": [0.70, 0.66], "loss": [0.6, 0.7]}
+
+
+@pytest.fixture(scope="module")
+def seed_report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ablation")
+    runs = root / "runs"
+    for layout, targets, values in [("default", "", DEFAULT_QV), ("epl", "", EPL_QV),
+                                    ("default", "all-linear", DEFAULT_ALL), ("epl", "all-linear", EPL_ALL)]:
+        for seed, (acc, loss) in enumerate(zip(values["acc"], values["loss"]), 1):
+            steps = (20, 30, 60) if (layout, targets, seed) == ("epl", "", 3) else (20, 40, 60)  # another eval schedule
+            make_seed_run(runs, layout, targets, "shared", seed, acc or 0.0, loss, steps, reconstruction=acc is not None)
+    make_seed_run(runs, "default", "", "frozen", 1, 0.10, 3.0)  # the frozen pair: one default seed only
+    make_seed_run(runs, "epl", "", "frozen", 1, 0.12, 2.9)
+    make_seed_run(runs, "epl", "", "frozen", 2, 0.14, 2.8)
+    make_seed_run(runs, "epl", "", "shared", 1, 0.9, 0.1, lora_r=16)  # another setting: its own cell, no pair
+    assert main([str(runs), "-o", str(root / "report")]) == 0
+    return root / "report", json.loads((root / "report.json").read_text())
+
+
+def cell(data, layout, targets, decoder="shared", lora_r=32):
+    found = [c for c in data["over_seeds"] if (c["layout"], c["lora_target_modules"], c["decoder_mode"]) ==
+             (layout, targets, decoder) and c["other"] == {"icae.lora_r": lora_r}]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_cells_are_seed_replicates_and_other_settings_split_them(seed_report):
+    _, data = seed_report
+    assert len(data["over_seeds"]) == 7  # 4 shared + 2 frozen cells at lora_r=32, 1 at lora_r=16
+    assert cell(data, "epl", QV)["seeds"] == [1, 2, 3] and cell(data, "epl", QV, lora_r=16)["seeds"] == [1]
+
+
+@pytest.mark.parametrize("layout,values", [("default", DEFAULT_QV), ("epl", EPL_QV)])
+def test_cell_spread_matches_numpy(seed_report, layout, values):
+    c = cell(seed_report[1], layout, QV)
+    for metric, expected in [("final_eval_token_accuracy", values["acc"]), ("final_eval_ae_loss", values["loss"]),
+                             ("final_eval_bleu", [100 * a for a in values["acc"]])]:
+        got, x = c[metric], np.array(expected)
+        assert got["n"] == 3
+        assert got["mean"] == pytest.approx(x.mean()) and got["std"] == pytest.approx(x.std(ddof=1))
+        assert (got["min"], got["max"]) == (pytest.approx(x.min()), pytest.approx(x.max()))
+
+
+def test_layout_effect_is_welchs_interval(seed_report):
+    path, data = seed_report
+    effect = next(e for e in data["layout_effects"] if e["at"] == {"lora_target_modules": QV, "decoder_mode": "shared",
+                                                                      "icae.lora_r": 32})
+    for metric, key in [("final_eval_token_accuracy", "acc"), ("final_eval_ae_loss", "loss")]:
+        d, df, (lo, hi) = welch_by_hand(EPL_QV[key], DEFAULT_QV[key], lambda df: t_quantile(0.975, df))
+        got = effect["difference"][metric]
+        assert got["estimate"] == pytest.approx(d) and got["df"] == pytest.approx(df)
+        assert (got["low"], got["high"]) == (pytest.approx(lo), pytest.approx(hi))
+    acc = effect["difference"]["final_eval_token_accuracy"]
+    assert acc["low"] > 0  # EPL is better here by more than the seed noise
+    table = path.with_suffix(".md").read_text()
+    assert "95% interval (Welch t, Welch–Satterthwaite df)" in table
+    assert f"| {acc['estimate']:+.3f} | [{acc['low']:+.3f}, {acc['high']:+.3f}] (df {acc['df']:.1f}) |" in table
+    assert len(data["layout_effects"]) == 3  # q,v and all-linear shared, q,v frozen; lora_r=16 has no default
+
+
+def test_fewer_than_two_seeds_print_n_below_2(seed_report):
+    path, data = seed_report
+    frozen = next(e for e in data["layout_effects"] if e["at"]["decoder_mode"] == "frozen")
+    assert frozen["difference"]["final_eval_ae_loss"]["note"] == "n<2"
+    assert frozen["difference"]["final_eval_ae_loss"]["estimate"] == pytest.approx(2.85 - 3.0)
+    table = path.with_suffix(".md").read_text()
+    assert "| -0.1500 | n<2 |" in table
+
+
+def test_runs_without_reconstruction_metrics_count_as_missing(seed_report):
+    path, data = seed_report
+    c = cell(data, "default", ALL)
+    assert c["final_eval_token_accuracy"]["n"] == 1 and c["final_eval_ae_loss"]["n"] == 2
+    assert c["final_eval_bleu"] == {"n": 1, "mean": 45.0, "std": None, "min": 45.0, "max": 45.0}
+    effect = next(e for e in data["layout_effects"] if e["at"]["lora_target_modules"] == ALL)
+    assert effect["difference"]["final_eval_token_accuracy"]["note"] == "n<2"
+    assert effect["difference"]["final_eval_ae_loss"]["low"] is not None
+    row = next(line for line in path.with_suffix(".md").read_text().splitlines() if "default-all-linear-shared-r32-seed2" in line)
+    assert "| – | – | – |" in row  # token accuracy, exact match, BLEU-4
+
+
+def test_mean_curves_use_the_steps_all_seeds_share(seed_report):
+    c = cell(seed_report[1], "epl", QV)["eval_loss_curve"]  # seed 3 evaluated at 20, 30, 60; the others at 20, 40, 60
+    assert c["steps"] == [20, 60] and c["n"] == 3
+    at20 = [loss + 0.4 for loss in EPL_QV["loss"]]
+    assert c["mean"] == [pytest.approx(np.mean(at20)), pytest.approx(np.mean(EPL_QV["loss"]))]
+    assert c["min"][0] == pytest.approx(min(at20)) and c["max"][1] == pytest.approx(max(EPL_QV["loss"]))
+    assert align_curves([[(1, 5.0), (2, 6.0)], [], [(2, 7.0, "x"), (3, 8.0)]]) == ([2], [[6.0, 7.0]])
+
+
+def test_interactions_combine_four_cells(seed_report):
+    path, data = seed_report
+    lora = next(i for i in data["interactions"] if i["factor"] == "lora_target_modules")
+    assert lora["levels"] == [ALL, QV]  # (epl - default | all-linear) - (epl - default | q,v)
+    groups = [EPL_ALL["loss"], DEFAULT_ALL["loss"], EPL_QV["loss"], DEFAULT_QV["loss"]]
+    v = [np.var(g, ddof=1) / len(g) for g in groups]
+    df = sum(v) ** 2 / sum(vi**2 / (len(g) - 1) for vi, g in zip(v, groups))
+    est = np.mean(groups[0]) - np.mean(groups[1]) - np.mean(groups[2]) + np.mean(groups[3])
+    got = lora["difference"]["final_eval_ae_loss"]
+    assert got["estimate"] == pytest.approx(est) and got["df"] == pytest.approx(df)
+    assert got["high"] - got["low"] == pytest.approx(2 * t_quantile(0.975, df) * math.sqrt(sum(v)))
+    assert lora["difference"]["final_eval_token_accuracy"]["note"] == "n<2"
+    decoder = next(i for i in data["interactions"] if i["factor"] == "decoder_mode")
+    assert decoder["levels"] == ["shared", "frozen"] and decoder["difference"]["final_eval_ae_loss"]["note"] == "n<2"
+    assert "(epl − default \\| all-linear) − (epl − default \\| q,v (default))" in path.with_suffix(".md").read_text()
+
+
+def test_plot_has_the_over_seeds_row(seed_report):
+    from PIL import Image
+
+    path, _ = seed_report
+    with Image.open(path.with_suffix(".png")) as image:
+        assert image.height > 1000  # two rows of panels: the runs, then the means over seeds with bands
+    assert "min–max over seeds" in path.with_suffix(".md").read_text()

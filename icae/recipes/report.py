@@ -2,12 +2,17 @@
 
 A run folder is anything with a `metrics.jsonl` (what `icae pretrain` always writes); a folder of
 run folders (what `icae ablate` writes) is expanded. Writes OUT.png (eval AE loss and training
-loss against step), OUT.md (a table, plus mean and spread over seeds) and OUT.json.
+loss against step, token accuracy against CPU time, and per cell the mean curve over seeds with a
+min-max band), OUT.md and OUT.json with the same numbers: one row per run; per cell (runs that
+differ only in their seed) n, mean, std, min and max of the last eval's AE loss, token accuracy and
+BLEU-4; for each default/epl pair the difference of means with a 95% Welch t interval over seeds,
+and how that difference changes with the LoRA targets or the decoder mode (an interaction).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -77,8 +82,10 @@ def summarize(run: Path) -> dict:
         "lora_target_modules": icae.get("lora_target_modules") or "q,v (default)",
         "decoder_mode": icae.get("decoder_mode"),
         "seed": config.get("seed"),
+        "settings": flatten(config),
         "final_eval_ae_loss": evals[-1][1] if evals else None,
         "first_eval_ae_loss": evals[0][1] if evals else None,
+        "final_eval_step": evals[-1][0] if evals else None,
         "eval_bleu4": bleu,
         "final_eval_token_accuracy": accuracy[-1][1][1] if accuracy else None,
         "final_eval_bleu": accuracy[-1][1][2] if accuracy else None,
@@ -94,20 +101,163 @@ def summarize(run: Path) -> dict:
     }
 
 
+def describe(values: list[float]) -> dict:
+    """n, mean, sample std (n-1; None below 2 values), min and max: the spread a reader needs to judge seeds."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None}
+    return {"n": len(values), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None, "min": min(values), "max": max(values)}
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` (maybe fractional) degrees of freedom.
+
+    scipy is not a dependency; mpmath is (torch needs sympy, which needs mpmath): solve
+    P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 = 1 - p for t with its regularized incomplete beta."""
+    import mpmath
+
+    tail = 1 - mpmath.mpf(str(p))  # from the decimal string, so that 0.975 is exactly 0.975
+    upper = lambda t: mpmath.betainc(mpmath.mpf(df) / 2, 0.5, 0, df / (df + t * t), regularized=True) / 2  # noqa: E731
+    return float(mpmath.findroot(lambda t: upper(t) - tail, (0, 1e6), solver="illinois"))
+
+
+def contrast_interval(samples: list[list[float]], weights: list[float], level: float = 0.95) -> dict:
+    """sum(w_i * mean_i) over independent groups, with a Welch t interval (Welch-Satterthwaite df).
+
+    With two groups and weights (+1, -1) this is Welch's two-sample interval for a difference of means;
+    with four groups and (+1, -1, -1, +1) it is the interval of a difference of two such differences
+    (an interaction). Seeds are few, so no normal approximation; any group with fewer than 2 values has
+    no variance estimate and gets no interval ("n<2")."""
+    samples = [[v for v in s if v is not None] for s in samples]
+    n = [len(s) for s in samples]
+    out = {"estimate": None, "low": None, "high": None, "df": None, "level": level, "n": n, "note": None}
+    if min(n) == 0:
+        out["note"] = "no values"
+        return out
+    out["estimate"] = sum(w * statistics.fmean(s) for w, s in zip(weights, samples))
+    if min(n) < 2:
+        out["note"] = "n<2"
+        return out
+    parts = [w * w * statistics.variance(s) / len(s) for w, s in zip(weights, samples)]  # var of w_i * mean_i
+    se = sum(parts) ** 0.5
+    if se == 0:  # every seed gave the same value: no spread to build a t interval from
+        out["low"] = out["high"] = out["estimate"]
+        out["note"] = "no spread"
+        return out
+    out["df"] = sum(parts) ** 2 / sum(v * v / (k - 1) for v, k in zip(parts, n))
+    half = t_quantile(0.5 + level / 2, out["df"]) * se
+    out["low"], out["high"] = out["estimate"] - half, out["estimate"] + half
+    return out
+
+
+AXES = ("layout", "lora_target_modules", "decoder_mode")  # the ablation grids' axes: always part of a cell
+NOT_SETTINGS = {"seed", "trainable_params", "icae.position_layout", "icae.lora_target_modules", "icae.decoder_mode"}
+CELL_METRICS = {"final_eval_ae_loss": "final eval AE loss", "final_eval_token_accuracy": "token accuracy",
+                "final_eval_bleu": "BLEU-4"}
+EFFECT_METRICS = ("final_eval_token_accuracy", "final_eval_ae_loss")  # what the layout comparisons are judged on
+FACTOR_LEVELS = {"lora_target_modules": ["all-linear", "q,v (default)"], "decoder_mode": ["shared", "frozen"]}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """run_config.json as dotted keys ("icae.lora_r"), so that any one setting can be compared across runs."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def other_settings(rows: list[dict]) -> list[str]:
+    """Settings besides the seed and the grid's axes that differ between runs: runs that differ in one
+    are not replicates of each other. (run_config.json holds the model, example and data settings; training
+    flags such as the learning rate are not in it, so runs that differ only in those share a cell.)"""
+    keys = sorted({k for r in rows for k in r.get("settings", {})} - NOT_SETTINGS)
+    return [k for k in keys if len({json.dumps(r.get("settings", {}).get(k)) for r in rows}) > 1]
+
+
+def align_curves(curves: list[list]) -> tuple[list, list[list[float]]]:
+    """The steps that every (non-empty) curve has, and the curves' values at each. Seeds may be evaluated
+    at different steps (another --eval_steps, a run still going); a mean over a set of seeds that changes
+    from step to step would jump where a seed drops out."""
+    maps = [dict((step, value) for step, value, *_ in curve) for curve in curves if curve]
+    if not maps:
+        return [], []
+    steps = sorted(set.intersection(*(set(m) for m in maps)))
+    return steps, [[m[step] for m in maps] for step in steps]
+
+
+def mean_curve(curves: list[list]) -> dict:
+    """Mean, std, min and max over seeds at each shared step: what the plot's band is drawn from."""
+    steps, values = align_curves(curves)
+    stats = [describe(v) for v in values]
+    return {"steps": steps, "n": sum(1 for c in curves if c), **{k: [d[k] for d in stats] for k in ("mean", "std", "min", "max")}}
+
+
 def group_over_seeds(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
+    """Cells of runs that differ only in their seed, with the spread of each final metric over seeds."""
+    other = other_settings(rows)
+    cells: dict[str, tuple[dict, list[dict]]] = {}
     for row in rows:
-        key = (row["layout"], row["lora_target_modules"], row["decoder_mode"])
-        groups.setdefault(key, []).append(row)
+        settings = {**{a: row.get(a) for a in AXES}, **{k: row.get("settings", {}).get(k) for k in other}}
+        cells.setdefault(json.dumps(settings), (settings, []))[1].append(row)
     out = []
-    for (layout, targets, decoder), members in groups.items():
-        losses = [m["final_eval_ae_loss"] for m in members if m["final_eval_ae_loss"] is not None]
+    for settings, members in cells.values():
+        members.sort(key=lambda m: (m.get("seed") is None, m.get("seed") or 0, m["run"]))
         out.append({
-            "layout": layout, "lora_target_modules": targets, "decoder_mode": decoder,
-            "seeds": [m["seed"] for m in members], "n": len(losses),
-            "mean_final_eval_ae_loss": statistics.fmean(losses) if losses else None,
-            "min": min(losses, default=None), "max": max(losses, default=None),
+            **{a: settings[a] for a in AXES}, "other": {k: settings[k] for k in other}, "settings": settings,
+            "runs": [m["run"] for m in members], "seeds": [m.get("seed") for m in members],
+            "final_eval_steps": [m.get("final_eval_step") for m in members],
+            "values": {metric: [m.get(metric) for m in members] for metric in CELL_METRICS},
+            **{metric: describe([m.get(metric) for m in members]) for metric in CELL_METRICS},
+            "eval_loss_curve": mean_curve([m.get("eval_curve") for m in members]),
+            "token_accuracy_curve": mean_curve([[(s, a) for s, _, a in m.get("accuracy_curve") or []] for m in members]),
         })
+    return out
+
+
+def layout_effects(cells: list[dict]) -> list[dict]:
+    """epl - default between the two cells that differ only in the layout: does EPL beat the default here,
+    and by more than the seed-to-seed noise (an interval that excludes 0)?"""
+    pairs: dict[str, tuple[dict, dict]] = {}
+    for cell in cells:
+        rest = {k: v for k, v in cell["settings"].items() if k != "layout"}
+        pairs.setdefault(json.dumps(rest), (rest, {}))[1][cell["layout"]] = cell
+    out = []
+    for rest, by_layout in pairs.values():
+        if "epl" in by_layout and "default" in by_layout:
+            epl, default = by_layout["epl"], by_layout["default"]
+            out.append({"at": rest, "epl_runs": epl["runs"], "default_runs": default["runs"],
+                        "epl": epl["values"], "default": default["values"],
+                        "difference": {m: contrast_interval([epl["values"][m], default["values"][m]], [1, -1])
+                                       for m in EFFECT_METRICS}})
+    return out
+
+
+def level_order(factor: str, level) -> tuple:
+    preferred = FACTOR_LEVELS.get(factor, [])
+    return (preferred.index(level) if level in preferred else len(preferred), str(level))
+
+
+def interactions(effects: list[dict]) -> list[dict]:
+    """(epl - default | a) - (epl - default | b) for two levels a, b of one factor, all else equal: does
+    all-linear LoRA help EPL more than q,v does? Does training the decoder (shared) help EPL more than a
+    frozen one?"""
+    out = []
+    for factor in FACTOR_LEVELS:
+        groups: dict[str, tuple[dict, dict]] = {}
+        for effect in effects:
+            rest = {k: v for k, v in effect["at"].items() if k != factor}
+            groups.setdefault(json.dumps(rest), (rest, {}))[1][effect["at"].get(factor)] = effect
+        for rest, by_level in groups.values():
+            levels = sorted(by_level, key=lambda level: level_order(factor, level))
+            for a, b in itertools.combinations(levels, 2):
+                ea, eb = by_level[a], by_level[b]
+                out.append({"factor": factor, "levels": [a, b], "at": rest, "difference": {
+                    m: contrast_interval([ea["epl"][m], ea["default"][m], eb["epl"][m], eb["default"][m]], [1, -1, -1, 1])
+                    for m in EFFECT_METRICS}})
     return out
 
 
@@ -121,7 +271,7 @@ def fmt(value, digits=4):
     return str(value)
 
 
-def markdown(rows: list[dict], groups: list[dict]) -> str:
+def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: list[dict]) -> str:
     lines = [
         "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | exact match "
         "| BLEU-4 | text tokens/s | trainable params | wall time (s) | CPU time (s) |",
@@ -135,25 +285,123 @@ def markdown(rows: list[dict], groups: list[dict]) -> str:
             f"{fmt(r.get('final_eval_exact_match'), 3)} | {fmt(bleu, 2)} | {fmt(r['text_tokens_per_second'], 1)} | {fmt(r['trainable_params'])} | "
             f"{fmt(r['wall_time_s'], 0)} | {fmt(r.get('cpu_seconds'), 0)} |"
         )
-    lines += ["", "Over seeds (final eval AE loss):", "",
-              "| layout | LoRA targets | decoder | seeds | mean | min | max |", "|---|---|---|---|---|---|---|"]
-    for g in groups:
-        lines.append(
-            f"| {g['layout']} | {g['lora_target_modules']} | {g['decoder_mode']} | {g['seeds']} | "
-            f"{fmt(g['mean_final_eval_ae_loss'])} | {fmt(g['min'])} | {fmt(g['max'])} |"
-        )
+    lines += ["", *cell_table(cells)]
+    if has_replicates(cells):
+        lines += ["", f"The plot's bottom row: per cell, the mean over seeds against step, {BAND}, at the eval "
+                  "steps that all the cell's seeds share."]
+    if effects:
+        lines += ["", *effect_table(effects)]
+    if inter:
+        lines += ["", *interaction_table(inter)]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+DIGITS = {"final_eval_ae_loss": 4, "final_eval_token_accuracy": 3, "final_eval_bleu": 2}
+NAMES = {"lora_target_modules": "LoRA", "decoder_mode": "decoder"}
+
+
+def fmt_spread(d: dict, digits: int) -> tuple[str, str]:
+    """("mean ± std (n=3)", "min–max") for one table cell; a lone run has no std, a missing metric is "–"."""
+    if not d["n"]:
+        return "–", "–"
+    std = f" ± {d['std']:.{digits}f}" if d["std"] is not None else ""
+    return f"{d['mean']:.{digits}f}{std} (n={d['n']})", f"{d['min']:.{digits}f}–{d['max']:.{digits}f}"
+
+
+def fmt_mean(values: list, digits: int) -> str:
+    d = describe(values)
+    return f"{d['mean']:.{digits}f} (n={d['n']})" if d["n"] else "–"
+
+
+def fmt_signed(value, digits: int) -> str:
+    return "–" if value is None else f"{value:+.{digits}f}"
+
+
+def fmt_interval(c: dict, digits: int) -> str:
+    if c["note"] in ("n<2", "no values"):
+        return c["note"]
+    df = f" (df {c['df']:.1f})" if c["df"] is not None else f" ({c['note']})"
+    return f"[{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]{df}"
+
+
+def fmt_settings(settings: dict) -> str:
+    return ", ".join(f"{NAMES.get(k, k)}={v}" for k, v in settings.items()) or "–"
+
+
+def cell_table(cells: list[dict]) -> list[str]:
+    other = bool(cells and cells[0]["other"])
+    head = ["layout", "LoRA targets", "decoder", *(["other settings"] if other else []), "seeds", "last eval step"]
+    for name in CELL_METRICS.values():
+        head += [f"{name}: mean ± std", "min–max"]
+    lines = ["Over seeds: one row per cell (runs that differ only in their seed); of each run's last eval, the mean "
+             "± sample standard deviation over seeds (n = runs that have the metric) and the range min–max.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in cells:
+        steps = sorted({s for s in c["final_eval_steps"] if s is not None})
+        step = "–" if not steps else f"{steps[0]:,}" if len(steps) == 1 else f"{steps[0]:,}–{steps[-1]:,}"
+        row = [str(c["layout"]), str(c["lora_target_modules"]), str(c["decoder_mode"]),
+               *([fmt_settings(c["other"])] if other else []), ", ".join(map(str, c["seeds"])), step]
+        for metric in CELL_METRICS:
+            row += fmt_spread(c[metric], DIGITS[metric])
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def effect_table(effects: list[dict]) -> list[str]:
+    lines = ["EPL vs the default layout, all else equal: the difference of means over seeds (epl − default) of the "
+             "final token accuracy (higher is better) and eval AE loss (lower is better); an interval that excludes "
+             "0 is a difference larger than the seed-to-seed noise.", "",
+             "| at | metric | epl mean | default mean | epl − default | 95% interval (Welch t, Welch–Satterthwaite df) |",
+             "|---|---|---|---|---|---|"]
+    for e in effects:
+        for metric, c in e["difference"].items():
+            d = DIGITS[metric]
+            lines.append(f"| {fmt_settings(e['at'])} | {CELL_METRICS[metric]} | {fmt_mean(e['epl'][metric], d)} | "
+                         f"{fmt_mean(e['default'][metric], d)} | "
+                         f"{fmt_signed(c['estimate'], d)} | {fmt_interval(c, d)} |")
+    return lines
+
+
+def interaction_table(inter: list[dict]) -> list[str]:
+    lines = ["Does a setting change the EPL effect? (epl − default | first level) − (epl − default | second level), "
+             "all else equal; the interval combines the four cells' seeds.", "",
+             "| question | at | metric | difference of differences | 95% interval (Welch t, Welch–Satterthwaite df) |",
+             "|---|---|---|---|---|"]
+    for i in inter:
+        a, b = i["levels"]
+        question = f"(epl − default \\| {a}) − (epl − default \\| {b})"
+        for metric, c in i["difference"].items():
+            d = DIGITS[metric]
+            lines.append(f"| {question} | {fmt_settings(i['at'])} | {CELL_METRICS[metric]} | {fmt_signed(c['estimate'], d)} | "
+                         f"{fmt_interval(c, d)} |")
+    return lines
+
+
+BAND = "band: min–max over seeds"
+
+
+def has_replicates(cells: list[dict]) -> bool:
+    return any(len(c["runs"]) > 1 for c in cells)
+
+
+def cell_label(cell: dict) -> str:
+    parts = [str(cell["layout"]), str(cell["lora_target_modules"]), str(cell["decoder_mode"])]
+    return " · ".join(parts + [f"{k}={v}" for k, v in cell["other"].items()]) + f" (n={len(cell['runs'])})"
+
+
+def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
+    """Top row: every run's curves. Bottom row (when some cell has several seeds): per cell the mean over
+    seeds with a shaded min–max band, at the eval steps all its seeds share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with_accuracy = any(r.get("accuracy_curve") for r in rows)
-    fig, axes = plt.subplots(1, 3 if with_accuracy else 2, figsize=(19 if with_accuracy else 13, 4.8))
-    ax_eval, ax_train = axes[0], axes[1]
+    replicated = has_replicates(cells)
+    ncols, nrows = 3 if with_accuracy else 2, 2 if replicated else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(19 if with_accuracy else 13, 4.8 * nrows), squeeze=False)
+    ax_eval, ax_train = axes[0][0], axes[0][1]
     for r in rows:
         style = "-" if r["layout"] == "epl" else "--"
         if r["eval_curve"]:
@@ -163,7 +411,7 @@ def plot(rows: list[dict], path: Path) -> None:
             steps, losses = zip(*r["train_curve"])
             ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8)
     if with_accuracy:
-        ax_acc = axes[2]
+        ax_acc = axes[0][2]
         for r in rows:
             if r.get("accuracy_curve"):
                 _, cpu, acc = zip(*r["accuracy_curve"])
@@ -178,6 +426,26 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in (ax_eval, ax_train):
         ax.grid(alpha=0.3)
     ax_eval.legend(fontsize=7)
+    if replicated:
+        panels = [(axes[1][0], "eval_loss_curve", "eval AE loss", None)]
+        if with_accuracy:
+            panels.append((axes[1][2 if ncols == 3 else 1], "token_accuracy_curve", "held-out token accuracy", (0, 1)))
+        for ax, curve, name, ylim in panels:
+            for cell in cells:
+                c = cell[curve]
+                if not c["steps"]:
+                    continue
+                line, = ax.plot(c["steps"], c["mean"], "-" if cell["layout"] == "epl" else "--", marker="o",
+                                markersize=3, label=cell_label(cell))
+                ax.fill_between(c["steps"], c["min"], c["max"], color=line.get_color(), alpha=0.2)
+            ax.set(title=f"{name}: mean over the seeds of each cell", xlabel="step", ylabel=name)
+            if ylim:
+                ax.set_ylim(*ylim)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, title=BAND, title_fontsize=7)
+        for ax in axes[1]:
+            if not ax.has_data():
+                ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -185,12 +453,16 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
     rows = [summarize(run) for run in find_runs(run_dirs)]
-    groups = group_over_seeds(rows)
+    cells = group_over_seeds(rows)
+    effects = layout_effects(cells)
+    inter = interactions(effects)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot(rows, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(rows, groups))
-    out.with_suffix(".json").write_text(json.dumps({"runs": rows, "over_seeds": groups}, indent=2) + "\n")
+    plot(rows, cells, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter))
+    summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "interactions": inter,
+               "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows
 
 
