@@ -302,6 +302,18 @@ def test_eval_qa_three_ways(answering, monkeypatch):
     assert table[3].startswith("| full context (base model) |") and table[4].startswith("| no context (base model) |")
 
 
+def test_wrong_contexts_pairs_every_question_with_another_context():
+    from icae.recipes.evaluate import with_wrong_contexts
+
+    records = [{"input": c, "prompt": f"q{i}", "answer": f"a{i}"} for i, c in enumerate("AABCCC")]
+    wrong = with_wrong_contexts(records)
+    assert [r["input"] for r in wrong] == list("BBCAAA")
+    assert [(r["prompt"], r["answer"]) for r in wrong] == [(r["prompt"], r["answer"]) for r in records]
+    assert all(w["input"] != r["input"] for w, r in zip(wrong, records))
+    with pytest.raises(UserError, match="needs questions about at least 2 different contexts"):
+        with_wrong_contexts(records[:2])
+
+
 def test_eval_and_generate_commands(answering, tmp_path, monkeypatch, capsys):
     from icae.recipes.evaluate import main as eval_main
     from icae.recipes.use import main as use_main
@@ -317,6 +329,17 @@ def test_eval_and_generate_commands(answering, tmp_path, monkeypatch, capsys):
     assert "| memory slots | 1.000 | 1.000 | 1.000 | 1.000 |" in printed
     saved = json.loads((ckpt / "qa_eval_results.json").read_text())
     assert saved["memory"]["exact_match"] == 1.0 and saved["samples"][0]["memory"] == "the"
+
+    # the control: other contexts, the slots row only; a model that reads its slots now gets the answers wrong
+    assert eval_main(["--checkpoint", str(ckpt), "--task", "qa", "--eval_file", str(tmp_path / "qa.json"),
+                      "--max_new_tokens", "6", "--device", "cpu", "--sources", "memory", "--wrong_contexts",
+                      "--output", str(tmp_path / "wrong.json")]) == 0
+    wrong = json.loads((tmp_path / "wrong.json").read_text())
+    assert wrong["wrong_contexts"] and "full_context" not in wrong and "no_context" not in wrong
+    assert wrong["memory"]["exact_match"] < 0.5
+    assert "| full context" not in capsys.readouterr().out
+    with pytest.raises(UserError, match="--sources 'memory,slots': each must be one of memory, full_context"):
+        eval_main(["--checkpoint", str(ckpt), "--task", "qa", "--sources", "memory,slots"])
 
     calls = EncoderCalls(monkeypatch)
     (tmp_path / "context.md").write_text(CONTEXTS[1])  # any text file is one context, read whole

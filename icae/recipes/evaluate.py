@@ -238,6 +238,18 @@ def qa_answers(model, triples, source: str, max_new_tokens: int = 64, batch_size
     return generate_plain_ids(model, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
+def with_wrong_contexts(records: list[dict]) -> list[dict]:
+    """The control for "do the slots carry the context?": every question paired with another record's
+    context (the distinct contexts, in order of first appearance, each replaced by the next one), prompts
+    and answers unchanged. A model that only learnt the answers' form scores the same on both."""
+    contexts = list(dict.fromkeys(r["input"] for r in records))
+    if len(contexts) < 2:
+        raise UserError(f"--wrong_contexts needs questions about at least 2 different contexts (got {len(contexts)}); "
+                        "raise --limit or pass an eval file with more contexts")
+    following = {c: contexts[(i + 1) % len(contexts)] for i, c in enumerate(contexts)}
+    return [{**r, "input": following[r["input"]]} for r in records]
+
+
 def evaluate_qa(model, records: list[dict], limit: int | None = None, max_context_length: int = 5120,
                 max_new_tokens: int = 64, batch_size: int = 4, sources=tuple(QA_SOURCES)) -> dict:
     """Exact match, token F1, ROUGE-1/ROUGE-L F1 of greedy answers from each of `sources`."""
@@ -316,6 +328,11 @@ def main(argv: list[str]) -> int:
                    help="results JSON (default: CHECKPOINT/eval_results.json, or CHECKPOINT/qa_eval_results.json)")
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--sources", default=",".join(QA_SOURCES),
+                   help=f"--task qa: the rows to compute, comma-separated (default: all of {','.join(QA_SOURCES)})")
+    p.add_argument("--wrong_contexts", action="store_true",
+                   help="--task qa: pair each question with another record's context (the control showing "
+                        "whether answers come from the context or only from the question)")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")
@@ -351,7 +368,15 @@ def main_qa(args) -> int:
     from icae.data.qa import BUILTIN_PYTHON_DOCS_QA
 
     args.eval_file = args.eval_file or BUILTIN_PYTHON_DOCS_QA
+    sources = tuple(x.strip() for x in args.sources.split(",") if x.strip())
+    unknown = [x for x in sources if x not in QA_SOURCES]
+    if unknown or not sources:
+        raise UserError(f"--sources {args.sources!r}: each must be one of {', '.join(QA_SOURCES)}")
     records = load_eval_records(args.eval_file)
+    if args.limit is not None:
+        records = records[:args.limit]
+    if args.wrong_contexts:
+        records = with_wrong_contexts(records)
     model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
     length = args.max_context_length
     if length is None:
@@ -359,9 +384,10 @@ def main_qa(args) -> int:
         length = int(trained) if trained else 5120
         print(f"--max_context_length {length} ("
               + ("the checkpoint's fine-tuning length" if trained else "the checkpoint records none") + ")")
-    results = evaluate_qa(model, records, limit=args.limit, max_context_length=length,
-                          max_new_tokens=args.max_new_tokens or 64, batch_size=args.batch_size)
-    results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file, **results,
+    results = evaluate_qa(model, records, max_context_length=length,
+                          max_new_tokens=args.max_new_tokens or 64, batch_size=args.batch_size, sources=sources)
+    results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file,
+               "wrong_contexts": args.wrong_contexts, **results,
                "config": model.config.to_dict()}
     output = Path(args.output) if args.output else Path(args.checkpoint) / "qa_eval_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
