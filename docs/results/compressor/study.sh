@@ -29,4 +29,13 @@ run epl-shared-memlr --position_layout epl --decoder_mode shared --memory_learni
 # The long run at the target length (64-token texts -> 16 slots, rate 4), LoRA rank 16 so that it ships in 12 MB:
 run long64-r16 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 --lora_r 16 --lora_alpha 32 \
   --model_max_length 64 --fixed_mem_size 16 --per_device_train_batch_size 4 --max_steps 4000  # stopped at 250
+# Session 4: the curriculum. The 32-token run's checkpoint-850 continued on 64-token texts: the same 8 slots per
+# 32-token segment, so a text is 2 segments -> 16 slots (rate 4); `--restore_from` loads its weights (fresh
+# optimizer). And the rate-8 run: the same checkpoint, 64-token texts -> 8 slots (one segment of 64 tokens).
+run curr64 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
+  --restore_from runs/probes/epl-shared-memlr/checkpoint-850 --model_max_length 64 --max_steps 3000 \
+  --eval_steps 100 --save_steps 50                                                               # stopped at STEP64
+run rate8 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
+  --restore_from runs/probes/epl-shared-memlr/checkpoint-850 --model_max_length 64 --mean_compression_rate 8 \
+  --max_steps 3000 --eval_steps 100 --save_steps 50                                              # stopped at STEP8
 icae report runs/probes -o docs/results/compressor/report
