@@ -65,6 +65,11 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval texts"})
     min_chars: int = field(default=1, metadata={"help": "skip texts shorter than this many characters"})
+    streaming: bool = field(
+        default=False, metadata={"help": "read, tokenize and build examples while training, from the files or a "
+                                 "hub dataset (--train_file NAME), storing nothing; needs --max_steps"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "the split of a hub dataset (--streaming True)"})
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "processes that tokenize (once; the result is cached)"}
     )
@@ -266,6 +271,27 @@ def load_splits(data_args: DataArguments, verbose: bool = False, as_tables: bool
     return train, evaluation
 
 
+def load_stream_eval(data_args: DataArguments) -> tuple[list[str], int]:
+    """--streaming: (eval texts, how many texts of the stream they hold back from training). The first
+    --eval_size texts (default 1,000, the seed's: a stream has no length to take 5% of), or --eval_file."""
+    import itertools
+
+    from icae.data.stream import STREAM_EVAL_SIZE, kept_texts
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, load_texts
+
+    source = data_args.train_file or BUILTIN_PYTHON_DOCS
+    if data_args.eval_file:
+        texts, held_back = load_texts(data_args.eval_file, min_chars=data_args.min_chars), 0
+    else:
+        held_back = data_args.eval_size if data_args.eval_size is not None else STREAM_EVAL_SIZE
+        texts = list(itertools.islice(kept_texts(source, data_args.min_chars, data_args.dataset_split), held_back + 1))
+        if len(texts) <= held_back:
+            raise UserError(f"--eval_size {held_back} leaves no training texts in {source} ({len(texts)} texts "
+                            "in all); lower --eval_size or add texts")
+        texts = texts[:held_back]
+    return texts[: data_args.max_eval_samples], held_back
+
+
 # ----------------------------------------------------------------------------- model and checkpoint checks
 
 
@@ -397,6 +423,27 @@ def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed:
     return train, evaluation
 
 
+def build_stream(data_args: DataArguments, eval_texts: list[str], held_back: int, tokenizer, cfg: ExampleConfig,
+                 args: PretrainArguments):
+    """--streaming: (train, eval): a `datasets.IterableDataset` of examples, one shard per rank and dataloader
+    worker (accelerate gives each rank its own), and the eval examples, made now (a few texts)."""
+    from icae.core.examples import AEDataset
+    from icae.data.stream import stream_examples
+    from icae.data.texts import BUILTIN_PYTHON_DOCS
+    from icae.data.tokens import tokenize_texts
+
+    stop = held_back + data_args.max_train_samples if data_args.max_train_samples else None
+    train = stream_examples(
+        data_args.train_file or BUILTIN_PYTHON_DOCS, tokenizer, cfg, args.seed, min_chars=data_args.min_chars,
+        start=held_back, stop=stop, num_shards=args.world_size * max(1, args.dataloader_num_workers),
+        split=data_args.dataset_split,
+    )
+    # else rank 0 would read every batch and concatenate them for the others, which fails on unequal widths
+    args.accelerator_config.dispatch_batches = False
+    eval_ids = [ids for ids in tokenize_texts(eval_texts, tokenizer, cfg.model_max_length, cache=False) if ids]
+    return train, AEDataset(eval_ids, cfg, tokenizer.eos_token_id)
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -408,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     config = model_args.icae_config()
     example_cfg = args.example_config()
     check_data_args(data_args)
+    if data_args.streaming and args.max_steps <= 0:
+        raise UserError("--streaming True needs --max_steps: a stream has no length to count epochs in")
     check_reporting(args)
     resume = resolve_output_dir(args)
 
@@ -418,8 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         from datasets import disable_caching
 
         disable_caching()
-    with args.main_process_first(desc="reading the texts"):  # one process writes a source's table
-        train_texts, eval_texts = load_splits(data_args, verbose=args.should_log, as_tables=True)
+    if data_args.streaming:
+        eval_texts, held_back = load_stream_eval(data_args)
+    else:
+        with args.main_process_first(desc="reading the texts"):  # one process writes a source's table
+            train_texts, eval_texts = load_splits(data_args, verbose=args.should_log, as_tables=True)
     if not eval_texts and args.eval_strategy != "no":
         raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
                         "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
@@ -439,11 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(config.model_name_or_path)
     examples_needed = max(args.max_steps, 0) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
         * args.world_size
-    train_set, eval_set = build_datasets(
-        train_texts, eval_texts, tokenizer, example_cfg, args.seed, examples_needed=examples_needed,
-        num_proc=data_args.preprocessing_num_workers, main_process_first=args.main_process_first,
-        verbose=args.should_log,
-    )
+    if data_args.streaming:
+        train_set, eval_set = build_stream(data_args, eval_texts, held_back, tokenizer, example_cfg, args)
+    else:
+        train_set, eval_set = build_datasets(
+            train_texts, eval_texts, tokenizer, example_cfg, args.seed, examples_needed=examples_needed,
+            num_proc=data_args.preprocessing_num_workers, main_process_first=args.main_process_first,
+            verbose=args.should_log,
+        )
 
     set_seed(args.seed)
     # fp32 master weights; --bf16 autocasts
@@ -456,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                            "command": "icae pretrain " + " ".join(shlex.quote(a) for a in argv_used)}
     if args.should_save:
         print(describe_model(model), flush=True)
-        print(f"train examples: {len(train_set):,} | eval examples (AE): {len(eval_set):,} | resume: {resume}")
+        count = "streamed" if data_args.streaming else f"{len(train_set):,}"
+        print(f"train examples: {count} | eval examples (AE): {len(eval_set):,} | resume: {resume}")
         (out / "run_config.json").write_text(
             json.dumps({"icae": config.to_dict(), "examples": dataclasses.asdict(example_cfg),
                         "data": dataclasses.asdict(data_args), "seed": args.seed,
