@@ -15,6 +15,7 @@ With `datasets.disable_caching()` (`--disable_datasets_cache True`) tables go to
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -61,34 +62,33 @@ def source_key(source: str) -> str:
     return h.hexdigest()[:20]
 
 
-def _write_table(folder: Path, source: str) -> None:
-    """texts.arrow (columns `text` and `chars`, its length, 0 when blank) and meta.json, written into a
-    temporary folder that is renamed into place: a killed run leaves no half table that a rerun would take."""
+def _write_arrow(path: Path, texts) -> int:
+    """Texts to an Arrow stream file, BATCH_ROWS at a time: columns `text` and `chars` (its length, 0 when
+    blank, for a cheap filter). Returns the number of rows."""
     import pyarrow as pa
 
     schema = pa.schema([("text", pa.string()), ("chars", pa.int64())])
+    texts, rows = iter(texts), 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        while batch := list(itertools.islice(texts, BATCH_ROWS)):
+            chars = [0 if t.isspace() else len(t) for t in batch]
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string()), pa.array(chars, pa.int64())], schema))
+            rows += len(batch)
+    return rows
+
+
+def _write_table(folder: Path, source: str) -> None:
+    """texts.arrow and meta.json, written into a temporary folder that is renamed into place: a killed run
+    leaves no half table that a rerun would take."""
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    rows, batch = 0, []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with pa.OSFile(str(tmp / "texts.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-                def flush():
-                    chars = [0 if t.isspace() else len(t) for t in batch]
-                    writer.write_batch(pa.record_batch([pa.array(batch, pa.string()), pa.array(chars)], schema))
-                    batch.clear()
-
-                for text in iter_texts(source):
-                    batch.append(text)
-                    rows += 1
-                    if len(batch) == BATCH_ROWS:
-                        flush()
-                if batch:
-                    flush()
+            rows = _write_arrow(tmp / "texts.arrow", iter_texts(source))
         ours = [str(w.message) for w in caught if issubclass(w.category, NotUtf8Warning)]
-        for w in caught:
+        for w in caught:  # others pass through (ours are given on every load, from meta.json)
             if not issubclass(w.category, NotUtf8Warning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not rows:

@@ -223,20 +223,15 @@ def _warn_not_utf8(path: Path, bad: int) -> None:
     warnings.warn(f"{path}: {bad} bytes are not valid UTF-8; replaced them with U+FFFD", NotUtf8Warning, stacklevel=3)
 
 
-def _bad_bytes(data: bytes, text: str, genuine: int) -> int:
-    """Bytes replaced when `data` decoded to `text`: valid bytes re-encode to themselves and each
-    replacement is one U+FFFD (3 bytes); `genuine` U+FFFD (EF BF BD) were in the data already."""
-    replaced = text.count("\ufffd") - genuine
-    return len(data) - (len(text.encode("utf-8")) - 3 * replaced)
-
-
 def _decode(data: bytes, path: Path) -> str:
     """UTF-8, with bad bytes replaced by U+FFFD and a warning: one stray byte should not stop a run."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         text = data.decode("utf-8", errors="replace")
-    _warn_not_utf8(path, _bad_bytes(data, text, data.count(b"\xef\xbf\xbd")))
+    # Valid parts re-encode to their own bytes; original U+FFFD (EF BF BD) always decodes as itself.
+    replaced = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
+    _warn_not_utf8(path, len(data) - (len(text.encode("utf-8")) - 3 * replaced))
     return text
 
 
@@ -268,7 +263,8 @@ _CHUNK = 1 << 20
 
 
 def _text_chunks(path: Path) -> Iterator[str]:
-    """A file's text in pieces of about 1 MiB, decoded as `_decode` does (one warning at the end)."""
+    """A file's text in pieces of about 1 MiB, decoded as `_decode` does, with one warning at the end (the
+    same count: summed over the pieces, as a sequence cut between two reads is decoded with the second)."""
     decoder = codecs.getincrementaldecoder("utf-8")("replace")
     size = decoded = genuine = fffd = 0
     tail = b""  # the last 2 bytes, so a genuine U+FFFD split across two reads is counted once
@@ -421,7 +417,7 @@ def _iter_parquet(path: Path) -> Iterator[str]:
             yield value
 
 
-def _iter_folder(path: Path, files: list[Path]) -> Iterator[str]:
+def _iter_files(files: list[Path]) -> Iterator[str]:
     for file in files:
         yield _read(file)
 
@@ -444,7 +440,7 @@ def iter_texts(source: str) -> Iterator[str]:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise UserError(f"{path} is a folder with no .txt files; add .txt files (one text each) or pass a file")
-        return _iter_folder(path, files)
+        return _iter_files(files)
     reader = _READERS.get(path.suffix.lower())
     if reader is None:
         raise UserError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use a {FORMATS}")
