@@ -229,3 +229,15 @@ def test_table_examples_are_todays_examples(tmp_path, window):
     assert [train[i] for i in range(len(train))] == old_train
     assert [evaluation[i] for i in range(len(evaluation))] == old_eval and len(old_eval) == 6
     assert {e["task"] for e in old_train} == {"ae", "lm"}
+
+
+def test_tokenizer_fingerprint_ignores_what_a_call_leaves_behind():
+    from icae.data.tokens import tokenizer_fingerprint
+    from icae.testing import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["some text"] * 2, truncation=True, max_length=4, padding="max_length")
+    assert tokenizer_fingerprint(tokenizer) == before == tokenizer_fingerprint(byte_tokenizer())
+    tokenizer.add_tokens(["<new>"])
+    assert tokenizer_fingerprint(tokenizer) != before

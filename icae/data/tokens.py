@@ -15,11 +15,16 @@ TOKENS_VERSION = 1  # bump when what `_tokenize_batch` writes changes
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """What decides the ids a tokenizer gives: its class and its whole serialized state (vocabulary, merges,
-    normalizer, added tokens), not its path. Hashing the object itself is unstable across calls."""
+    """What decides the ids a tokenizer gives: its class and its serialized state (vocabulary, merges,
+    normalizer, added tokens), not its path. Hashing the object itself is unstable across calls, and so are
+    the truncation and padding settings a call leaves in the backend: they are left out."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, len(tokenizer), state]).encode()).hexdigest()[:20]
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    key = json.dumps([type(tokenizer).__name__, len(tokenizer), state], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
 def _tokenize_batch(texts: list[str], tokenizer, max_length: int | None) -> dict:
