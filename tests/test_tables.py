@@ -206,6 +206,19 @@ def todays_examples(texts, tokenizer, cfg, seed, eval_size, examples_needed):
     return [train[i] for i in range(len(train))], build_examples(eval_ids, cfg, tokenizer.eos_token_id, seed, True)
 
 
+# sha256 (first 16 hex digits) of json.dumps(examples, sort_keys=True) for the corpus of the test below, as
+# main's in-memory path made them before the tables (commit 34263b5: load_splits -> tokenize_texts lists ->
+# build_datasets), run from that commit's tree: (train examples, eval examples) per --text_window.
+MAIN_BEFORE_TABLES = {"start": ("feacbd87427a9598", "55a5e86f33d51697"),
+                      "random": ("f12da0f0a6bfc1d2", "55a5e86f33d51697")}
+
+
+def digest(examples) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(examples, sort_keys=True).encode()).hexdigest()[:16]
+
+
 @pytest.mark.parametrize("window", ["start", "random"])
 def test_table_examples_are_todays_examples(tmp_path, window):
     from icae.core.examples import ExampleConfig
@@ -228,6 +241,7 @@ def test_table_examples_are_todays_examples(tmp_path, window):
     assert len(train) == len(old_train) == (32 if window == "start" else 128)
     assert [train[i] for i in range(len(train))] == old_train
     assert [evaluation[i] for i in range(len(evaluation))] == old_eval and len(old_eval) == 6
+    assert (digest(old_train), digest(old_eval)) == MAIN_BEFORE_TABLES[window]  # the old code's own output
     assert {e["task"] for e in old_train} == {"ae", "lm"}
 
 
