@@ -187,6 +187,23 @@ def test_tokenizing_is_cached_by_fingerprint_across_processes(tmp_path, capsys, 
     assert tokenize_table(load_text_table(source), byte_tokenizer(), 8)["num_tokens"][0] == 8 and sum(tokenized) == 100
 
 
+def test_tokenizing_in_two_processes_gives_the_same_ids_and_is_cached_too(tmp_path, capsys):
+    """--preprocessing_num_workers 2: datasets writes one file per worker; a rerun maps them, tokenizing nothing."""
+    from icae.testing import byte_tokenizer
+
+    texts = [f"text number {i} " * (1 + i % 4) for i in range(41)]
+    source = write_json(tmp_path / "t.json", texts)
+    tokens = tokenize_table(load_text_table(source), byte_tokenizer(), 24, num_proc=2, verbose=True)
+    expected = [x[:24] for x in byte_tokenizer()(texts, add_special_tokens=False)["input_ids"]]
+    assert tokens["input_ids"][:] == expected and "41 texts, tokenizing" in capsys.readouterr().err
+    files = sorted(f["filename"] for f in tokens.cache_files)
+    assert len(files) == 2 and all(f.endswith(f"_{k:05d}_of_00002.arrow") for k, f in zip(range(2), files))
+    stamps = [os.stat(f).st_mtime_ns for f in files]
+    again = tokenize_table(load_text_table(source), byte_tokenizer(), 24, num_proc=2, verbose=True)
+    assert again["input_ids"][:] == expected and "41 texts, from the cache" in capsys.readouterr().err
+    assert [os.stat(f).st_mtime_ns for f in files] == stamps
+
+
 # ----------------------------------------------------------------------------- the examples: old and new paths
 
 
