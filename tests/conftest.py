@@ -13,14 +13,21 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
-    """One cache per session: the real model is converted at most once, and never into ~/.cache."""
-    old = os.environ.get("ICAE_CACHE_DIR")
-    os.environ["ICAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("icae-cache"))
+    """One cache per session: the real model is converted at most once, and never into ~/.cache; text
+    tables and token ids (datasets' cache) go to a session folder too, and nothing asks the hub."""
+    private = {
+        "ICAE_CACHE_DIR": str(tmp_path_factory.mktemp("icae-cache")),
+        "HF_DATASETS_CACHE": str(tmp_path_factory.mktemp("hf-datasets")),
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    old = {name: os.environ.get(name) for name in private}
+    os.environ.update(private)
     yield
-    if old is None:
-        os.environ.pop("ICAE_CACHE_DIR", None)
-    else:
-        os.environ["ICAE_CACHE_DIR"] = old
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -178,3 +178,20 @@ def test_each_part_has_one_job_and_stays_small():
     assert {p.stem for p in parts} >= {"train_step", "plan", "steps", "measure", "flops", "reference_cost", "report"}
     for path in parts:
         assert len(path.read_text().splitlines()) <= 400, path
+
+
+def test_data_scale_smoke_run_tokenizes_once_then_reads_the_cache(tmp_path):
+    """benchmarks/data_scale.py: a cold run tokenizes the training and eval texts, the warm run none."""
+    script = SCRIPT.parent / "data_scale.py"
+    out = tmp_path / "data.json"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--work", str(tmp_path / "work"),
+                           "--output", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["schema"] == "icae-data-scale-benchmark/1"
+    cold, warm = report["results"]
+    assert (cold["cache"], warm["cache"]) == ("cold", "warm") and cold["n_texts"] == 200
+    assert cold["texts_tokenized"] == 200 and warm["texts_tokenized"] == 0
+    assert cold["train_examples"] == warm["train_examples"] == 190 and cold["eval_examples"] == 10
+    assert 0 < warm["peak_private_mib"] <= warm["peak_rss_mib"]
+    assert "| 200 | new | 1 | warm | 0 |" in out.with_suffix(".md").read_text()

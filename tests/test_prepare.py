@@ -63,3 +63,35 @@ def test_too_few_texts_is_a_clear_error(tmp_path):
 def test_builtin_corpus_source(tmp_path):
     counts = prep.prepare("builtin:python-docs", tmp_path, min_chars=2000, eval_size=10)
     assert counts["eval_data.json"] == 10 and counts["train_data.json"] > 50
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_other_formats_hold_the_same_rows_and_sizes_are_reported(tmp_path, fmt, capsys):
+    from icae.data.texts import load_texts
+
+    texts = [f"document {i} " + "é" * (i * 10) for i in range(30)]
+    src = tmp_path / "src.json"
+    src.write_text(json.dumps(texts))
+    prep.main(["--source", str(src), "--output_dir", str(tmp_path / "json"), "--min_chars", "100", "--eval_size", "5",
+               "--max_chars", "50"])
+    assert prep.main(["--source", str(src), "--output_dir", str(tmp_path / fmt), "--min_chars", "100",
+                      "--eval_size", "5", "--max_chars", "50", "--format", fmt]) == 0
+    printed = capsys.readouterr().out
+    for name in ("long_text", "eval_data", "train_data"):
+        assert load_texts(str(tmp_path / fmt / f"{name}.{fmt}")) == load_texts(str(tmp_path / "json" / f"{name}.json"))
+    assert json.loads((tmp_path / "json" / "long_text.json").read_text()) == [t for t in texts if len(t) >= 100]
+    size = (tmp_path / fmt / f"train_data.{fmt}").stat().st_size / 2**20
+    assert f"train_data.{fmt}: 16 texts, {size:,.1f} MiB" in printed and f"long_text.{fmt}: " in printed
+
+
+def test_a_failed_source_leaves_no_file(tmp_path, monkeypatch):
+    import datasets
+
+    def broken(name, split, streaming):
+        yield {"text": "a" * 5000}
+        raise UserError("cannot stream dataset: connection lost")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(UserError, match="connection lost"):
+        prep.prepare("someone/corpus", tmp_path, eval_size=0)
+    assert list(tmp_path.iterdir()) == []

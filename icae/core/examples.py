@@ -8,6 +8,7 @@ an example depends only on (seed, index), whatever the process or order.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from icae.errors import UserError
@@ -91,11 +92,14 @@ def example_rng(seed: int, index: int, visit: int = 0) -> random.Random:
 class ExampleDataset:
     """Pretraining examples made on access from (seed, index): nothing example-sized is stored.
 
+    `token_lists` is any sequence of token-id lists: a list, or a column of a memory-mapped table
+    (`icae.data.tokens.TokenIds`) read one text at a time.
     `visits` > 1 lists every text that many times, each visit with its own draw (another window
     under `text_window="random"`, another AE/LM choice), so a short corpus still gives fresh examples.
     """
 
-    def __init__(self, token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int, seed: int, visits: int = 1):
+    def __init__(self, token_lists: Sequence[Sequence[int]], cfg: ExampleConfig, eos_id: int, seed: int,
+                 visits: int = 1):
         self.token_lists, self.cfg, self.eos_id, self.seed, self.visits = token_lists, cfg, eos_id, seed, visits
 
     def __len__(self) -> int:
@@ -106,6 +110,22 @@ class ExampleDataset:
             raise IndexError(i)
         visit, index = divmod(i, len(self.token_lists))
         return pretrain_example(self.token_lists[index], self.cfg, self.eos_id, example_rng(self.seed, index, visit))
+
+
+class AEDataset:
+    """Eval examples made on access: AE over each text's first `model_max_length` tokens (as `build_examples`
+    with `eval_set=True`), so a large eval file is not turned into a list of examples."""
+
+    def __init__(self, token_lists: Sequence[Sequence[int]], cfg: ExampleConfig, eos_id: int):
+        self.token_lists, self.cfg, self.eos_id = token_lists, cfg, eos_id
+
+    def __len__(self) -> int:
+        return len(self.token_lists)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return ae_example(list(self.token_lists[i][: self.cfg.model_max_length]), self.eos_id)
 
 
 def build_examples(token_lists: list[list[int]], cfg: ExampleConfig, eos_id: int, seed: int, eval_set: bool = False):

@@ -7,6 +7,11 @@
    `mini_train_data.json` (last 256,000) and `tiny_train_data.json` (last 25,600) when there
    are that many. A file that exists already is not rebuilt (delete it, or pass `--force`).
 
+`--format jsonl` or `--format parquet` writes the same rows as `.jsonl` / `.parquet` files, which are
+read a line or a row group at a time instead of as one multi-GB JSON array. Texts stream through:
+documents are written as they arrive, and the splits in one pass over `long_text`, so memory does
+not grow with the corpus.
+
 `--dataset pwc` does the same for ICAE v2's fine-tuning data, PwC (prompt-with-context, the hub's
 `sggetao/PwC`, or a local .json/.jsonl/.parquet file of {input, prompt, answer} records):
 `pwc_records.json` (every record), then `pwc_eval.json` (the first `--eval_size`) and `pwc_train.json`
@@ -16,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -24,6 +30,7 @@ from pathlib import Path
 from icae.errors import UserError
 
 MINI, TINY = 256_000, 25_600
+FORMATS = ("json", "jsonl", "parquet")
 
 
 def _write_json(path: Path, data) -> None:
@@ -32,68 +39,126 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)  # atomic: a killed run never leaves half a file that a re-run would skip
 
 
-def is_local(source: str) -> bool:
-    return source.startswith("builtin:") or Path(source).exists()
+class RowWriter:
+    """One data file in `fmt`, written to a temporary name and renamed when complete: a killed run never
+    leaves half a file that a rerun would skip. `objects`: JSON rows are {"text": ...}, not bare strings."""
+
+    def __init__(self, path: Path, fmt: str, objects: bool = True):
+        self.path, self.fmt, self.objects, self.rows = path, fmt, objects or fmt == "jsonl", 0
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.file = self.tmp.open("w", encoding="utf-8") if fmt != "parquet" else None
+        self.batch: list[str] = []
+        self.parquet = None
+        if fmt == "json":
+            self.file.write("[")
+
+    def write(self, text: str) -> None:
+        if self.fmt == "parquet":
+            self.batch.append(text)
+            if len(self.batch) == 10_000:
+                self._flush()
+        else:
+            item = json.dumps({"text": text} if self.objects else text, ensure_ascii=False)
+            self.file.write(("\n" if self.fmt == "jsonl" else ", ") * bool(self.rows) + item)
+        self.rows += 1
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"text": pa.array(self.batch, pa.string())})
+        if self.parquet is None:
+            self.parquet = pq.ParquetWriter(self.tmp, table.schema)
+        self.parquet.write_table(table)
+        self.batch.clear()
+
+    def close(self) -> None:
+        if self.fmt == "parquet":
+            if self.batch or self.parquet is None:
+                self._flush()
+            self.parquet.close()
+        else:
+            self.file.write("]" if self.fmt == "json" else "\n" * bool(self.rows))
+            self.file.close()
+        self.tmp.replace(self.path)
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.parquet is not None:
+            self.parquet.close()
+        self.tmp.unlink(missing_ok=True)
 
 
-def stream_hub_texts(name: str, split: str, column: str, min_chars: int, max_docs: int | None) -> list[str]:
-    from datasets import load_dataset
+def _write_long_texts(path: Path, fmt: str, source: str, split: str, column: str, min_chars: int,
+                      max_docs: int | None) -> int:
     from tqdm.auto import tqdm
 
+    from icae.data.stream import kept_texts
+
+    writer = RowWriter(path, fmt, objects=False)
     try:
-        stream = load_dataset(name, split=split, streaming=True)
-    except Exception as err:  # offline, unknown dataset, ...: one line, not a traceback
-        raise UserError(f"cannot stream dataset {name!r} (split {split!r}): {err}".splitlines()[0]) from None
-    kept = []
-    with tqdm(desc=f"streaming {name}", unit=" docs", total=max_docs) as bar:
-        for seen, row in enumerate(stream, 1):
-            text = row.get(column)
-            if text is None:
-                raise UserError(f"dataset {name!r} has no column {column!r}; pass --column with one of {list(row)}")
-            if len(text) >= min_chars:
-                kept.append(text)
-                bar.update(1)
-                bar.set_postfix(seen=seen)
-                if max_docs and len(kept) >= max_docs:
-                    break
-    return kept
+        texts = itertools.islice(kept_texts(source, min_chars, split, column), max_docs)
+        for text in tqdm(texts, desc=f"documents of {source}", unit=" docs", total=max_docs, mininterval=2):
+            writer.write(text)
+        if not writer.rows:
+            raise UserError(f"no document of {source} has at least {min_chars} characters; lower --min_chars")
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return writer.rows
+
+
+def _count(path: Path) -> int:
+    from icae.data.texts import iter_texts
+
+    return sum(1 for _ in iter_texts(str(path)))
 
 
 def prepare(source: str, output_dir: str | Path, split: str = "train", column: str = "text", min_chars: int = 4096,
-            max_docs: int | None = None, eval_size: int = 1000, max_chars: int = 4096, force: bool = False) -> dict:
-    from icae.data.texts import load_texts
+            max_docs: int | None = None, eval_size: int = 1000, max_chars: int = 4096, force: bool = False,
+            fmt: str = "json") -> dict:
+    """Write the files; return {file name: number of texts}."""
+    from icae.data.texts import iter_texts
 
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    long_path = out / "long_text.json"
+    long_path = out / f"long_text.{fmt}"
     if long_path.is_file() and not force:
-        texts = json.loads(long_path.read_text())
-        print(f"{long_path} exists ({len(texts):,} texts): not rebuilt")
+        n = _count(long_path)
+        print(f"{long_path} exists ({n:,} texts): not rebuilt")
     else:
-        if is_local(source):
-            texts = load_texts(source, min_chars=min_chars)[: max_docs or None]
-        else:
-            texts = stream_hub_texts(source, split, column, min_chars, max_docs)
-        if not texts:
-            raise UserError(f"no document of {source} has at least {min_chars} characters; lower --min_chars")
-        _write_json(long_path, texts)
-    if len(texts) <= eval_size:
-        raise UserError(f"{len(texts)} texts leave none for training after --eval_size {eval_size}; lower it")
-    cut = [{"text": t[:max_chars]} for t in texts]
-    files = {"eval_data.json": cut[:eval_size], "train_data.json": cut[eval_size:]}
-    if len(files["train_data.json"]) >= MINI:
-        files["mini_train_data.json"] = files["train_data.json"][-MINI:]
-    if len(files["train_data.json"]) >= TINY:
-        files["tiny_train_data.json"] = files["train_data.json"][-TINY:]
-    counts = {}
-    for name, rows in files.items():
-        path = out / name
+        n = _write_long_texts(long_path, fmt, source, split, column, min_chars, max_docs)
+    if n <= eval_size:
+        raise UserError(f"{n} texts leave none for training after --eval_size {eval_size}; lower it")
+    spans = {"eval_data": (0, eval_size), "train_data": (eval_size, n)}
+    if n - eval_size >= MINI:
+        spans["mini_train_data"] = (n - MINI, n)
+    if n - eval_size >= TINY:
+        spans["tiny_train_data"] = (n - TINY, n)
+    writers = {}
+    for name, (start, stop) in spans.items():
+        path = out / f"{name}.{fmt}"
         if path.is_file() and not force and path.stat().st_mtime >= long_path.stat().st_mtime:
             print(f"{path} exists: not rebuilt")
         else:
-            _write_json(path, rows)
-        counts[name] = len(rows)
-    return counts
+            writers[name] = RowWriter(path, fmt)
+    if writers:
+        try:
+            for i, text in enumerate(iter_texts(str(long_path))):
+                for name, writer in writers.items():
+                    if spans[name][0] <= i < spans[name][1]:
+                        writer.write(text[:max_chars])
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for writer in writers.values():
+            writer.close()
+    return {f"{name}.{fmt}": stop - start for name, (start, stop) in spans.items()}
 
 
 PWC_HUB = "sggetao/PwC"
@@ -134,6 +199,7 @@ def prepare_pwc(source: str, output_dir: str | Path, split: str = "train", max_d
                 eval_size: int = 1000, force: bool = False) -> dict:
     """`pwc_records.json`, then `pwc_eval.json` (first `eval_size` records) and `pwc_train.json` (the rest)."""
     from icae.data.qa import load_qa
+    from icae.data.stream import is_hub_dataset
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +208,7 @@ def prepare_pwc(source: str, output_dir: str | Path, split: str = "train", max_d
         records = json.loads(all_path.read_text())
         print(f"{all_path} exists ({len(records):,} records): not rebuilt")
     else:
-        if is_local(source):
+        if not is_hub_dataset(source):
             records = load_qa(source)[: max_docs or None]
         else:
             records = stream_hub_records(source, split, max_docs)
@@ -177,6 +243,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max_docs", type=int, default=None, help="stop after this many kept documents (records)")
     parser.add_argument("--eval_size", type=int, default=1000)
     parser.add_argument("--max_chars", type=int, default=4096, help="cut each text to this many characters (slimpajama only)")
+    parser.add_argument("--format", default="json", choices=FORMATS,
+                        help="json: the seed's JSON lists; jsonl or parquet: read without parsing one big array "
+                             "(slimpajama only)")
     parser.add_argument("--force", action="store_true", help="rebuild files that exist")
     args = parser.parse_args(argv)
     if args.eval_size < 0 or args.max_chars < 1 or args.min_chars < 0:
@@ -188,7 +257,9 @@ def main(argv: list[str]) -> int:
             print(f"{Path(args.output_dir) / name}: {n:,} records")
         return 0
     counts = prepare(args.source or "DKYoon/SlimPajama-6B", args.output_dir, args.split, args.column, args.min_chars,
-                     args.max_docs, args.eval_size, args.max_chars, args.force)
-    for name, n in counts.items():
-        print(f"{Path(args.output_dir) / name}: {n:,} texts")
+                     args.max_docs, args.eval_size, args.max_chars, args.force, args.format)
+    for name in [f"long_text.{args.format}", *counts]:
+        path = Path(args.output_dir) / name
+        count = f"{counts[name]:,} texts, " if name in counts else ""
+        print(f"{path}: {count}{path.stat().st_size / 2**20:,.1f} MiB")
     return 0

@@ -7,6 +7,7 @@ topics and the standard library's docstrings), so the demo and the tests need no
 from __future__ import annotations
 
 import ast
+import codecs
 import contextlib
 import functools
 import hashlib
@@ -14,6 +15,7 @@ import importlib.machinery
 import importlib.util
 import inspect
 import io
+import itertools
 import json
 import os
 import pkgutil
@@ -21,6 +23,7 @@ import re
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from icae.errors import UserError
@@ -212,6 +215,14 @@ def builtin_python_docs() -> list[str]:
     return list(_python_docs())
 
 
+class NotUtf8Warning(UserWarning):
+    """Bytes of a data file that are not UTF-8 were replaced with U+FFFD (the message names the file and count)."""
+
+
+def _warn_not_utf8(path: Path, bad: int) -> None:
+    warnings.warn(f"{path}: {bad} bytes are not valid UTF-8; replaced them with U+FFFD", NotUtf8Warning, stacklevel=3)
+
+
 def _decode(data: bytes, path: Path) -> str:
     """UTF-8, with bad bytes replaced by U+FFFD and a warning: one stray byte should not stop a run."""
     try:
@@ -220,19 +231,60 @@ def _decode(data: bytes, path: Path) -> str:
         text = data.decode("utf-8", errors="replace")
     # Valid parts re-encode to their own bytes; original U+FFFD (EF BF BD) always decodes as itself.
     replaced = text.count("\ufffd") - data.count(b"\xef\xbf\xbd")
-    bad = len(data) - (len(text.encode("utf-8")) - 3 * replaced)
-    warnings.warn(f"{path}: {bad} bytes are not valid UTF-8; replaced them with U+FFFD", stacklevel=3)
+    _warn_not_utf8(path, len(data) - (len(text.encode("utf-8")) - 3 * replaced))
     return text
 
 
-def _read(path: Path) -> str:
+def _open(path: Path):
     try:
-        data = path.read_bytes()
+        return path.open("rb")
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
+
+
+def _check_not_blank(path: Path) -> None:
+    """Refuse a file with nothing but whitespace, reading only up to its first other byte."""
+    with _open(path) as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return
+    raise UserError(f"{path} is empty; pass a file that holds texts")
+
+
+def _read(path: Path) -> str:
+    with _open(path) as f:
+        data = f.read()
     if not data.strip():
         raise UserError(f"{path} is empty; pass a file that holds texts")
     return _decode(data, path)
+
+
+_CHUNK = 1 << 20
+
+
+def _text_chunks(path: Path) -> Iterator[str]:
+    """A file's text in pieces of about 1 MiB, decoded as `_decode` does, with one warning at the end (the
+    same count: summed over the pieces, as a sequence cut between two reads is decoded with the second)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    size = decoded = genuine = fffd = 0
+    tail = b""  # the last 2 bytes, so a genuine U+FFFD split across two reads is counted once
+    with _open(path) as f:
+        while True:
+            data = f.read(_CHUNK)
+            text = decoder.decode(data, final=not data)
+            size += len(data)
+            genuine += (tail + data).count(b"\xef\xbf\xbd")
+            tail = (tail + data)[-2:]
+            if "\ufffd" in text:
+                fffd += text.count("\ufffd")
+            decoded += len(text.encode("utf-8"))
+            if text:
+                yield text
+            if not data:
+                break
+    bad = size - (decoded - 3 * (fffd - genuine))
+    if bad:
+        _warn_not_utf8(path, bad)
 
 
 def _item_text(item, where: str) -> str:
@@ -249,7 +301,74 @@ def _describe(value) -> str:
     return f"a JSON {type(value).__name__}" if value is not None else "null"
 
 
-def _load_json(path: Path) -> list[str]:
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json(path: Path) -> Iterator[str]:
+    """The items of a JSON list, parsed one at a time from 1 MiB reads: a multi-GB file (the seed's
+    `train_data.json`) is never held whole. Errors name the line, as `json.loads` would."""
+    chunks = _text_chunks(path)
+    decoder = json.JSONDecoder()
+    buf, pos, lines_before = "", 0, 0
+
+    def more() -> bool:
+        nonlocal buf, pos, lines_before
+        chunk = next(chunks, None)
+        if chunk is None:
+            return False
+        lines_before += buf.count("\n", 0, pos)
+        buf, pos = buf[pos:] + chunk, 0
+        return True
+
+    def skip_space() -> None:
+        nonlocal pos
+        while True:
+            pos = _SPACE.match(buf, pos).end()
+            if pos < len(buf) or not more():
+                return
+
+    def fail(msg: str, at: int):
+        line = lines_before + buf.count("\n", 0, at) + 1
+        raise UserError(f"{path}: invalid JSON at line {line}: {msg}; fix the file")
+
+    skip_space()
+    if pos == len(buf):
+        raise UserError(f"{path} is empty; pass a file that holds texts")
+    if buf[pos] != "[":
+        yield from _load_json_whole(path)  # not a list: only its error message is left to find
+        return
+    pos += 1
+    skip_space()
+    if buf[pos : pos + 1] == "]":
+        pos += 1
+    else:
+        index = 0
+        while True:
+            while True:
+                try:
+                    item, pos = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as err:
+                    # An item cut by the end of this read fails at (or, inside a string, from) the end: read on.
+                    cut = err.msg.startswith("Unterminated string") or err.pos >= len(buf) - 8
+                    if not (cut and more()):
+                        fail(err.msg, err.pos)
+            yield _item_text(item, f"{path}: item {index}")
+            index += 1
+            skip_space()
+            if buf[pos : pos + 1] == "]":
+                pos += 1
+                break
+            if buf[pos : pos + 1] != ",":
+                fail("Expecting ',' delimiter", pos)
+            pos += 1
+            skip_space()
+    skip_space()
+    if pos < len(buf):
+        fail("Extra data", pos)
+
+
+def _load_json_whole(path: Path) -> list[str]:
     try:
         data = json.loads(_read(path))
     except json.JSONDecodeError as err:
@@ -261,84 +380,114 @@ def _load_json(path: Path) -> list[str]:
     return [_item_text(item, f"{path}: item {i}") for i, item in enumerate(data)]
 
 
-def _load_jsonl(path: Path) -> list[str]:
-    texts = []
-    for lineno, line in enumerate(_read(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {lineno} is not valid JSON ({err.msg}); fix or remove it") from None
-        if not (isinstance(item, dict) and isinstance(item.get("text"), str)):
-            raise UserError(f'{path}: line {lineno} must be an object with a "text" string, not {_describe(item)}')
-        texts.append(item["text"])
-    return texts
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    rest, lineno = "", 0
+    for chunk in itertools.chain(_text_chunks(path), ["\n"]):
+        *lines, rest = (rest + chunk).split("\n")
+        for line in lines:
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}: line {lineno} is not valid JSON ({err.msg}); fix or remove it") from None
+            if not (isinstance(item, dict) and isinstance(item.get("text"), str)):
+                raise UserError(f'{path}: line {lineno} must be an object with a "text" string, not {_describe(item)}')
+            yield item["text"]
 
 
-def _load_parquet(path: Path) -> list[str]:
+def _iter_parquet(path: Path) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        file = pq.ParquetFile(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise UserError(f"{path}: cannot read it as Parquet ({err}); check the file") from None
-    if "text" not in table.column_names:
-        raise UserError(f'{path}: no "text" column (it has {table.column_names}); name the text column "text"')
-    texts = []
-    for i, value in enumerate(table.column("text").to_pylist()):
-        if isinstance(value, bytes):
-            value = _decode(value, path)
-        if not isinstance(value, str):
-            raise UserError(f'{path}: row {i} of column "text" is {_describe(value)}; make every row a string')
-        texts.append(value)
-    return texts
+    if "text" not in file.schema_arrow.names:
+        raise UserError(f'{path}: no "text" column (it has {file.schema_arrow.names}); name the text column "text"')
+    row = 0
+    for batch in file.iter_batches(batch_size=1024, columns=["text"]):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):
+                value = _decode(value, path)
+            if not isinstance(value, str):
+                raise UserError(f'{path}: row {row} of column "text" is {_describe(value)}; make every row a string')
+            row += 1
+            yield value
 
 
-def _load_path(path: Path) -> list[str]:
+def _iter_files(files: list[Path]) -> Iterator[str]:
+    for file in files:
+        yield _read(file)
+
+
+_READERS = {".json": _iter_json, ".jsonl": _iter_jsonl, ".parquet": _iter_parquet, ".txt": lambda p: iter([_read(p)])}
+
+
+def iter_texts(source: str) -> Iterator[str]:
+    """The texts of `builtin:python-docs` or of a local .json/.jsonl/.parquet/.txt file or .txt folder, one
+    at a time (a file is read in pieces, never whole). What can be checked without reading the texts (the
+    source exists, its type is known, it is not blank) fails here; a bad item fails when it is reached."""
+    if source.startswith("builtin:"):
+        if source != BUILTIN_PYTHON_DOCS:
+            raise UserError(f"unknown built-in corpus {source!r}; the only one is {BUILTIN_PYTHON_DOCS}")
+        return iter(builtin_python_docs())
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{source} does not exist; pass a {FORMATS}")
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise UserError(f"{path} is a folder with no .txt files; add .txt files (one text each) or pass a file")
-        return [_read(f) for f in files]
-    loaders = {".json": _load_json, ".jsonl": _load_jsonl, ".parquet": _load_parquet, ".txt": _read}
-    loader = loaders.get(path.suffix.lower())
-    if loader is None:
+        return _iter_files(files)
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
         raise UserError(f"{path}: unknown file type {path.suffix or '(none)'!r}; use a {FORMATS}")
-    result = loader(path)
-    return [result] if isinstance(result, str) else result
+    if path.suffix.lower() != ".parquet":
+        _check_not_blank(path)
+    return reader(path)
+
+
+def is_kept(text: str, min_chars: int) -> bool:
+    """Texts that are blank or shorter than `min_chars` are skipped."""
+    return len(text) >= min_chars and not (text == "" or text.isspace())
+
+
+def no_texts_error(source: str) -> UserError:
+    return UserError(f"{source} holds no texts; add at least one")
+
+
+def skipped_texts(source: str, total: int, kept: int, min_chars: int) -> None:
+    """The one warning (or, when nothing is left, the error) about skipped short or blank texts."""
+    if not kept:
+        raise UserError(
+            f"all {total} texts in {source} are blank or shorter than min_chars={min_chars}; "
+            "lower min_chars or pass longer texts"
+        )
+    if kept < total:
+        warnings.warn(
+            f"{source}: skipped {total - kept} of {total} texts that are blank or shorter than min_chars={min_chars}",
+            stacklevel=3,
+        )
 
 
 def load_texts(source: str, min_chars: int = 0) -> list[str]:
-    """Texts from `builtin:python-docs` or a local .json/.jsonl/.parquet/.txt file or .txt folder.
+    """Texts from `builtin:python-docs` or a local .json/.jsonl/.parquet/.txt file or .txt folder, as a list
+    (for evaluation and small inputs; pretraining reads an Arrow table instead: `icae.data.tables`).
 
     Texts shorter than `min_chars` (or blank) are skipped, with a warning that counts them; it is
     an error only when none is left. Bytes that are not UTF-8 are replaced with U+FFFD and a
     warning names the file and the count, rather than failing the whole run.
     """
-    if source.startswith("builtin:"):
-        if source != BUILTIN_PYTHON_DOCS:
-            raise UserError(f"unknown built-in corpus {source!r}; the only one is {BUILTIN_PYTHON_DOCS}")
-        texts = builtin_python_docs()
-    else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise UserError(f"{source} does not exist; pass a {FORMATS}")
-        texts = _load_path(path)
-    if not texts:
-        raise UserError(f"{source} holds no texts; add at least one")
-    kept = [t for t in texts if t.strip() and len(t) >= min_chars]
-    if not kept:
-        raise UserError(
-            f"all {len(texts)} texts in {source} are blank or shorter than min_chars={min_chars}; "
-            "lower min_chars or pass longer texts"
-        )
-    if len(kept) < len(texts):
-        warnings.warn(
-            f"{source}: skipped {len(texts) - len(kept)} of {len(texts)} texts that are blank or shorter than "
-            f"min_chars={min_chars}",
-            stacklevel=2,
-        )
+    total, kept = 0, []
+    for text in iter_texts(source):
+        total += 1
+        if is_kept(text, min_chars):
+            kept.append(text)
+    if not total:
+        raise no_texts_error(source)
+    skipped_texts(source, total, len(kept), min_chars)
     return kept
 
 
@@ -347,8 +496,9 @@ def default_eval_size(num_texts: int) -> int:
     return max(1, min(1000, round(0.05 * num_texts)))
 
 
-def split_train_eval(texts: list[str], eval_size: int) -> tuple[list[str], list[str]]:
-    """The first `eval_size` texts are the eval set, the rest train (the seed's convention)."""
+def split_train_eval(texts, eval_size: int):
+    """The first `eval_size` texts are the eval set, the rest train (the seed's convention). `texts` is a
+    list, or a `datasets.Dataset` that is split by row ranges (nothing is copied)."""
     if eval_size < 0:
         raise UserError(f"eval_size={eval_size} is negative; use 0 or more")
     if eval_size >= len(texts):
@@ -356,4 +506,11 @@ def split_train_eval(texts: list[str], eval_size: int) -> tuple[list[str], list[
             f"eval_size={eval_size} leaves no training texts ({len(texts)} texts in all); "
             "lower eval_size or add texts"
         )
-    return list(texts[eval_size:]), list(texts[:eval_size])
+    return take(texts, eval_size, len(texts)), take(texts, 0, eval_size)
+
+
+def take(texts, start: int, stop: int):
+    """Rows start..stop of a list or of a `datasets.Dataset` (a view of the same file)."""
+    if hasattr(texts, "select"):
+        return texts.select(range(start, min(stop, len(texts))))
+    return list(texts[start:stop])

@@ -1,13 +1,121 @@
-"""Tokenising texts once: batched, and cached on disk keyed by the texts and the tokenizer."""
+"""Tokenising texts once: an Arrow table of token ids that `datasets` caches by fingerprint (`tokenize_table`,
+for pretraining), or a list cached as JSON (`tokenize_texts`, for small lists)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+TOKENS_VERSION = 1  # bump when what `_tokenize_batch` writes changes
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids a tokenizer gives: its class and its serialized state (vocabulary, merges,
+    normalizer, added tokens), not its path. Hashing the object itself is unstable across calls, and so are
+    the truncation and padding settings a call leaves in the backend: they are left out."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        state = sorted(tokenizer.get_vocab().items())
+    key = json.dumps([type(tokenizer).__name__, len(tokenizer), state], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _tokenize_batch(texts: list[str], tokenizer, max_length: int | None) -> dict:
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = [x[:max_length] for x in ids] if max_length else ids
+    return {"input_ids": ids, "num_tokens": [len(x) for x in ids]}
+
+
+def cache_file(table, fingerprint: str) -> Path | None:
+    """Where datasets keeps this `map` result: beside the table (None when it keeps none: caching disabled,
+    or a table in memory)."""
+    import datasets
+
+    if not (datasets.is_caching_enabled() and table.cache_files):
+        return None
+    return Path(table.cache_files[0]["filename"]).parent / f"tokens-{fingerprint}.arrow"
+
+
+def _is_cached(path: Path | None, num_proc: int | None) -> bool:
+    if path is None:
+        return False
+    if num_proc is None:
+        return path.is_file()
+    # datasets writes one file per worker, named with this suffix, and reuses them only all together
+    return all(path.with_name(f"{path.stem}_{rank:05d}_of_{num_proc:05d}.arrow").is_file() for rank in range(num_proc))
+
+
+def tokens_fingerprint(table, tokenizer, max_length: int | None) -> str:
+    key = ["icae-tokens", TOKENS_VERSION, table._fingerprint, tokenizer_fingerprint(tokenizer), max_length]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:20]
+
+
+def tokenize_table(table, tokenizer, max_length: int | None = None, num_proc: int | None = None,
+                   desc: str = "tokenizing", verbose: bool = False):
+    """Columns `input_ids` (int32, no special tokens, cut to `max_length`: the seed's truncation) and
+    `num_tokens` for the `text` column of a `datasets.Dataset`.
+
+    A batched `map`, over `num_proc` processes, whose result datasets writes next to the table under a
+    fingerprint of (table, tokenizer state, max_length): a rerun, or another rank after the main one
+    (`TrainingArguments.main_process_first`), maps that file instead of tokenizing.
+    """
+    from datasets import Features, Sequence, Value
+
+    num_proc = num_proc if num_proc and num_proc > 1 else None  # datasets starts a worker even for num_proc=1
+    fingerprint = tokens_fingerprint(table, tokenizer, max_length)
+    path = cache_file(table, fingerprint)
+    if verbose:
+        how = "from the cache" if _is_cached(path, num_proc) else "tokenizing"
+        print(f"{desc}: {len(table):,} texts, {how}", file=sys.stderr, flush=True)
+    return table.map(
+        _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=table.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, num_proc=num_proc,
+        features=Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int32")}),
+        new_fingerprint=fingerprint, cache_file_name=str(path) if path else None, desc=desc,
+    )
+
+
+def text_table(texts):
+    """A `datasets.Dataset` with a `text` column: a table as it is, a list copied into memory (not cached)."""
+    from datasets import Dataset, Features, Value
+
+    if hasattr(texts, "map"):
+        return texts
+    return Dataset.from_dict({"text": list(texts)}, features=Features({"text": Value("string")}))
+
+
+def drop_untokenized(table):
+    """(the rows with at least one token, how many had none): a cached `filter`, run only when one has none."""
+    import pyarrow.compute as pc
+
+    empty = pc.sum(pc.equal(table.with_format("arrow")["num_tokens"], 0)).as_py() or 0
+    if not empty:
+        return table, 0
+    return table.filter(_has_tokens, batched=True, input_columns="num_tokens", desc="skipping untokenized texts"), empty
+
+
+def _has_tokens(num_tokens: list[int]) -> list[bool]:
+    return [n > 0 for n in num_tokens]
+
+
+class TokenIds:
+    """The `input_ids` of a tokenized table as a sequence of lists, each read from the mapped file on access."""
+
+    def __init__(self, table):
+        self.table = table.select_columns(["input_ids"])
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> list[int]:
+        return self.table[index]["input_ids"]
 
 
 def _cache_key(texts: list[str], tokenizer, max_length: int | None) -> str:
@@ -22,7 +130,8 @@ def tokenize_texts(
     texts: list[str], tokenizer, max_length: int | None = None, cache: bool = True, batch_size: int = 256,
     desc: str = "tokenizing",
 ) -> list[list[int]]:
-    """Token ids of each text without special tokens, cut to `max_length` (the seed's truncation)."""
+    """Token ids of each text without special tokens, cut to `max_length` (the seed's truncation), as lists:
+    for small inputs. The whole result is held in memory and cached as one JSON file."""
     path = None
     if cache:
         from icae.core.base_model import cache_dir

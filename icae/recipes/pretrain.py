@@ -65,6 +65,14 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training texts"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N eval texts"})
     min_chars: int = field(default=1, metadata={"help": "skip texts shorter than this many characters"})
+    streaming: bool = field(
+        default=False, metadata={"help": "read, tokenize and build examples while training, from the files or a "
+                                 "hub dataset (--train_file NAME), storing nothing; needs --max_steps"}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "the split of a hub dataset (--streaming True)"})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "processes that tokenize (once; the result is cached)"}
+    )
 
 
 @dataclass
@@ -238,25 +246,50 @@ def setup_wandb(args: ICAETrainingArguments, out: Path) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_splits(data_args: DataArguments, verbose: bool = False) -> tuple[list[str], list[str]]:
-    from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
+def load_splits(data_args: DataArguments, verbose: bool = False, as_tables: bool = False):
+    """(train, eval) texts: lists, or with `as_tables` memory-mapped `datasets.Dataset`s (what pretraining
+    reads: a text is read from disk when it is tokenized, never held in a list)."""
+    from icae.data.tables import load_text_table
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval, take
 
+    load = load_text_table if as_tables else load_texts
     source = data_args.train_file or BUILTIN_PYTHON_DOCS
-    texts = load_texts(source, min_chars=data_args.min_chars)
+    texts = load(source, min_chars=data_args.min_chars)
     if data_args.eval_file:
-        train, evaluation = texts, load_texts(data_args.eval_file, min_chars=data_args.min_chars)
+        train, evaluation = texts, load(data_args.eval_file, min_chars=data_args.min_chars)
     else:
         size = data_args.eval_size if data_args.eval_size is not None else default_eval_size(len(texts))
         train, evaluation = split_train_eval(texts, size)
     if data_args.max_train_samples:
-        train = train[: data_args.max_train_samples]
+        train = take(train, 0, data_args.max_train_samples)
     if data_args.max_eval_samples is not None:
-        evaluation = evaluation[: data_args.max_eval_samples]
+        evaluation = take(evaluation, 0, data_args.max_eval_samples)
     if verbose:
         how = ("--eval_file" if data_args.eval_file else
                f"the first {len(evaluation):,}" + (" (--eval_size)" if data_args.eval_size is not None else " (5%)"))
         print(f"texts: {len(train):,} train, {len(evaluation):,} eval ({how}) from {source}", flush=True)
     return train, evaluation
+
+
+def load_stream_eval(data_args: DataArguments) -> tuple[list[str], int]:
+    """--streaming: (eval texts, how many texts of the stream they hold back from training). The first
+    --eval_size texts (default 1,000, the seed's: a stream has no length to take 5% of), or --eval_file."""
+    import itertools
+
+    from icae.data.stream import STREAM_EVAL_SIZE, kept_texts
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, load_texts
+
+    source = data_args.train_file or BUILTIN_PYTHON_DOCS
+    if data_args.eval_file:
+        texts, held_back = load_texts(data_args.eval_file, min_chars=data_args.min_chars), 0
+    else:
+        held_back = data_args.eval_size if data_args.eval_size is not None else STREAM_EVAL_SIZE
+        texts = list(itertools.islice(kept_texts(source, data_args.min_chars, data_args.dataset_split), held_back + 1))
+        if len(texts) <= held_back:
+            raise UserError(f"--eval_size {held_back} leaves no training texts in {source} ({len(texts)} texts "
+                            "in all); lower --eval_size or add texts")
+        texts = texts[:held_back]
+    return texts[: data_args.max_eval_samples], held_back
 
 
 # ----------------------------------------------------------------------------- model and checkpoint checks
@@ -352,30 +385,63 @@ def tidy_checkpoints(out: Path, resume: Path | None) -> None:
                 remove_checkpoint(path)
 
 
-def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, cache: bool = True,
-                   examples_needed: int = 0):
-    """(train, eval) example datasets. Under `--text_window random` a training text is listed as
-    often as `examples_needed` (max_steps x batch) requires, with a fresh window each time."""
+def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, examples_needed: int = 0,
+                   num_proc: int | None = None, main_process_first=None, verbose: bool = False):
+    """(train, eval) example datasets over token ids in memory-mapped Arrow tables, each example made on
+    access from (seed, index). The texts are `datasets.Dataset`s (`load_splits(as_tables=True)`) or lists.
+
+    Tokenizing is a cached `map`: under torchrun, `main_process_first` (TrainingArguments') lets the main
+    process tokenize while the others wait, then map its cache files. Under `--text_window random` a
+    training text is listed as often as `examples_needed` (max_steps x batch) requires, with a fresh
+    window each time.
+    """
+    import contextlib
     import math
 
-    from icae.data.tokens import tokenize_texts
-    from icae.core.examples import ExampleDataset, build_examples
+    from icae.core.examples import AEDataset, ExampleDataset
+    from icae.data.tokens import TokenIds, drop_untokenized, text_table, tokenize_table
 
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer has no EOS token, which the AE target needs; use a model whose tokenizer has one")
     eos = tokenizer.eos_token_id
     keep = cfg.model_max_length if cfg.text_window == "start" else None
-    train_ids = [t for t in tokenize_texts(train_texts, tokenizer, keep, cache) if t]
-    eval_ids = [t for t in tokenize_texts(eval_texts, tokenizer, cfg.model_max_length, cache) if t]
-    if not train_ids:
+    first = main_process_first or (lambda desc: contextlib.nullcontext())
+    train_texts, eval_texts = text_table(train_texts), text_table(eval_texts)
+    with first(desc="tokenizing"):
+        train_ids = tokenize_table(train_texts, tokenizer, keep, num_proc, "tokenizing the training texts", verbose)
+        eval_ids = tokenize_table(eval_texts, tokenizer, cfg.model_max_length, num_proc, "tokenizing the eval texts",
+                                  verbose)
+        (train_ids, train_skipped), (eval_ids, eval_skipped) = drop_untokenized(train_ids), drop_untokenized(eval_ids)
+    if not len(train_ids):
         raise UserError("no training text has a single token; check the training data")
-    for name, texts, ids in (("training", train_texts, train_ids), ("eval", eval_texts, eval_ids)):
-        if len(ids) < len(texts):
-            print(f"note: skipped {len(texts) - len(ids)} of {len(texts)} {name} texts with no tokens", file=sys.stderr)
+    for name, texts, skipped in (("training", train_texts, train_skipped), ("eval", eval_texts, eval_skipped)):
+        if skipped:
+            print(f"note: skipped {skipped} of {len(texts)} {name} texts with no tokens", file=sys.stderr)
     visits = max(1, math.ceil(examples_needed / len(train_ids))) if cfg.text_window == "random" else 1
-    train = ExampleDataset(train_ids, cfg, eos, seed, visits)
-    evaluation = build_examples(eval_ids, cfg, eos, seed, eval_set=True)
+    train = ExampleDataset(TokenIds(train_ids), cfg, eos, seed, visits)
+    evaluation = AEDataset(TokenIds(eval_ids), cfg, eos)
     return train, evaluation
+
+
+def build_stream(data_args: DataArguments, eval_texts: list[str], held_back: int, tokenizer, cfg: ExampleConfig,
+                 args: PretrainArguments):
+    """--streaming: (train, eval): a `datasets.IterableDataset` of examples, one shard per rank and dataloader
+    worker (accelerate gives each rank its own), and the eval examples, made now (a few texts)."""
+    from icae.core.examples import AEDataset
+    from icae.data.stream import stream_examples
+    from icae.data.texts import BUILTIN_PYTHON_DOCS
+    from icae.data.tokens import tokenize_texts
+
+    stop = held_back + data_args.max_train_samples if data_args.max_train_samples else None
+    train = stream_examples(
+        data_args.train_file or BUILTIN_PYTHON_DOCS, tokenizer, cfg, args.seed, min_chars=data_args.min_chars,
+        start=held_back, stop=stop, num_shards=args.world_size * max(1, args.dataloader_num_workers),
+        split=data_args.dataset_split,
+    )
+    # else rank 0 would read every batch and concatenate them for the others, which fails on unequal widths
+    args.accelerator_config.dispatch_batches = False
+    eval_ids = [ids for ids in tokenize_texts(eval_texts, tokenizer, cfg.model_max_length, cache=False) if ids]
+    return train, AEDataset(eval_ids, cfg, tokenizer.eos_token_id)
 
 
 # ----------------------------------------------------------------------------- main
@@ -389,13 +455,23 @@ def main(argv: list[str] | None = None) -> int:
     config = model_args.icae_config()
     example_cfg = args.example_config()
     check_data_args(data_args)
+    if data_args.streaming and args.max_steps <= 0:
+        raise UserError("--streaming True needs --max_steps: a stream has no length to count epochs in")
     check_reporting(args)
     resume = resolve_output_dir(args)
 
     from icae.core.base_model import resolve_model
 
     resolve_model(config.model_name_or_path, convert=False)  # a missing model fails before the data loads
-    train_texts, eval_texts = load_splits(data_args, verbose=args.should_log)
+    if args.disable_datasets_cache:  # the seed's workaround: tables and token ids in a temporary folder, per run
+        from datasets import disable_caching
+
+        disable_caching()
+    if data_args.streaming:
+        eval_texts, held_back = load_stream_eval(data_args)
+    else:
+        with args.main_process_first(desc="reading the texts"):  # one process writes a source's table
+            train_texts, eval_texts = load_splits(data_args, verbose=args.should_log, as_tables=True)
     if not eval_texts and args.eval_strategy != "no":
         raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
                         "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
@@ -415,10 +491,14 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(config.model_name_or_path)
     examples_needed = max(args.max_steps, 0) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
         * args.world_size
-    train_set, eval_set = build_datasets(
-        train_texts, eval_texts, tokenizer, example_cfg, args.seed, cache=not args.disable_datasets_cache,
-        examples_needed=examples_needed,
-    )
+    if data_args.streaming:
+        train_set, eval_set = build_stream(data_args, eval_texts, held_back, tokenizer, example_cfg, args)
+    else:
+        train_set, eval_set = build_datasets(
+            train_texts, eval_texts, tokenizer, example_cfg, args.seed, examples_needed=examples_needed,
+            num_proc=data_args.preprocessing_num_workers, main_process_first=args.main_process_first,
+            verbose=args.should_log,
+        )
 
     set_seed(args.seed)
     # fp32 master weights; --bf16 autocasts
@@ -431,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                            "command": "icae pretrain " + " ".join(shlex.quote(a) for a in argv_used)}
     if args.should_save:
         print(describe_model(model), flush=True)
-        print(f"train examples: {len(train_set):,} | eval examples (AE): {len(eval_set):,} | resume: {resume}")
+        count = "streamed" if data_args.streaming else f"{len(train_set):,}"
+        print(f"train examples: {count} | eval examples (AE): {len(eval_set):,} | resume: {resume}")
         (out / "run_config.json").write_text(
             json.dumps({"icae": config.to_dict(), "examples": dataclasses.asdict(example_cfg),
                         "data": dataclasses.asdict(data_args), "seed": args.seed,
