@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from icae.core import inference
 from icae.core.collate import IGNORE, Collator
 from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
+from icae.core.lora import use_fused_lora
 from icae.core.losses import linear_cross_entropy
 from icae.errors import UserError
 
@@ -97,6 +98,8 @@ class ICAE(nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuner_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        if config.lora_impl == "fused":
+            use_fused_lora(self._tuner_layers)
 
     # ------------------------------------------------------------------ plumbing
 
