@@ -156,7 +156,7 @@ class ICAE(nn.Module):
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
                                         every_n_layers: int = 1, offload: bool = False) -> None:
-        """Checkpoint the decoder layers (every n-th); `policy` (in the kwargs, or `checkpoint_policy`): full or selective."""
+        """Checkpoint the decoder layers (every n-th); `policy` in the kwargs (or `checkpoint_policy`): full, selective."""
         user = dict(activation_checkpointing_kwargs or {})
         self.checkpoint_policy = check_policy(user.pop("policy", self.checkpoint_policy))
         if self.checkpoint_policy == "off":
