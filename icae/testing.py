@@ -117,11 +117,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 key, nbytes = storage._cdata, storage.nbytes()
-                if key not in self._seen and nbytes:
+                # a view or an in-place result shares an input's storage: not new memory (e.g. a weight's .t())
+                if key not in self._seen and key not in inputs and nbytes:
                     self._seen.add(key)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
