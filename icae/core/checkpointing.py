@@ -19,15 +19,16 @@ from icae.errors import UserError
 POLICIES = ("off", "full", "selective")
 
 # Matmuls and fused attention kernels: expensive to recompute. Everything else is recomputed.
-_SAVED = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+_SAVED = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
           "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
           "_scaled_dot_product_cudnn_attention", "_flash_attention_forward", "_efficient_attention_forward")
 SAVED_OPS = frozenset(getattr(torch.ops.aten, name) for name in _SAVED if hasattr(torch.ops.aten, name))
 
 
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Save matmul and attention outputs (also flash-attn's own ops), recompute the rest."""
-    if op.overloadpacket in SAVED_OPS or op.namespace == "flash_attn":
+    """Save matmul and attention outputs (also flash-attn's ops, and the fused LoRA's: icae.core.lora),
+    recompute the rest."""
+    if op.overloadpacket in SAVED_OPS or op.namespace in ("flash_attn", "icae"):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -42,13 +43,11 @@ def checkpoint_contexts(policy: str, recompute_context) -> tuple:
     """(forward context, recompute context) for torch.utils.checkpoint's `context_fn`.
 
     `recompute_context` is the caller's own context for the recompute (ICAE re-enters the adapter
-    state the layer ran with). Cached entries may be mutated: the fused LoRA (icae.core.lora) adds
-    the adapter's product into the base matmul's output in place (`addmm_`); that in-place op is
-    cached too, so the recompute returns the final sum without re-running either matmul.
+    state the layer ran with).
     """
     if policy != "selective":
         return contextlib.nullcontext(), recompute_context
-    forward, recompute = create_selective_checkpoint_contexts(selective_policy, allow_cache_entry_mutation=True)
+    forward, recompute = create_selective_checkpoint_contexts(selective_policy)
     return forward, _both(recompute, recompute_context)
 
 

@@ -5,7 +5,9 @@ the dropped-out copy of x (4 bytes a value in fp32) and its mask (1 byte): q, k 
 their own copy of the same input, gate and up another two. `LoraLinearFunction` saves x itself
 (projections that share an input share that one tensor) and the dropout mask as bits, and rebuilds
 the dropped-out input in backward. It also adds the adapter into the base matmul's output in place
-(`addmm_`) instead of materialising B's product, its scaled copy and the sum.
+(`addmm_`) instead of materialising B's product, its scaled copy and the sum. Drawing the mask and
+the projection are two custom ops: selective checkpointing caches each whole (bits and outputs), so
+its recompute costs nothing here.
 
 The same distribution as PEFT's LoRA: each projection draws its own mask, every value kept
 independently with probability 1 - p (to 2^-31: 31-bit integers against a threshold, about twice as
@@ -16,6 +18,7 @@ mode, the result and the gradients are PEFT's (tests/test_lora.py). The paramete
 
 from __future__ import annotations
 
+import math
 import types
 import weakref
 
@@ -37,9 +40,12 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """The bool tensor of `shape` packed in `bits` (which may carry up to 7 padding values at the end)."""
     words = (bits.to(torch.int64) * _SPREAD) & _SELECT  # byte i: bit i of the packed byte, or 0
     words = ((words + _LOW7) >> 7) & _SPREAD  # each byte: 1 where non-zero
-    return words.view(torch.bool).view(shape)
+    mask = words.view(torch.bool)
+    n = math.prod(shape)
+    return (mask if mask.numel() == n else mask[:n]).view(shape)
 
 
 def draw_keep_mask(shape, p: float, device) -> torch.Tensor:
@@ -48,36 +54,58 @@ def draw_keep_mask(shape, p: float, device) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.int32, device=device).random_(0, 2**31) < threshold
 
 
+# Two custom ops, so that selective checkpointing (icae.core.checkpointing) sees each as ONE op and caches its
+# outputs: the recompute then neither draws the masks again nor redoes any of the projection's work.
+@torch.library.custom_op("icae::lora_keep_bits", mutates_args=())
+def keep_bits(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout mask of x (kept: 1), drawn with draw_keep_mask, packed 8 values a byte (zero-padded)."""
+    n = x.numel()
+    keep = draw_keep_mask((n + (-n) % 8,), p, x.device)
+    keep[n:] = False
+    return pack_bits(keep)
+
+
+@keep_bits.register_fake
+def _(x, p):
+    return x.new_empty(((x.numel() + 7) // 8,), dtype=torch.uint8)
+
+
+@torch.library.custom_op("icae::lora_linear", mutates_args=())
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, bits: torch.Tensor | None, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + bias + alpha (masked x) A^T B^T, (masked x) A^T) for 2-d x; masked: the zeros of `bits` dropped."""
+    y = F.linear(x, weight, bias)
+    a = torch.mm(x if bits is None else x * unpack_bits(bits, x.shape), lora_a.t())
+    y.addmm_(a, lora_b.t(), alpha=alpha)
+    return y, a
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, bits, alpha):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_a.shape[0])
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T (+ bias) + s/(1-p) * ((x * mask) A^T) B^T, saving x, the mask as bits and (x * mask) A^T."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float):
         x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, weight, bias)
-        keep = bits = None
-        if p > 0:
-            keep = draw_keep_mask(x2.shape, p, x.device)
-            bits = pack_bits(keep) if keep.numel() % 8 == 0 else keep
-            a = torch.mm(x2 * keep, lora_a.t())
-        else:
-            a = torch.mm(x2, lora_a.t())
+        bits = torch.ops.icae.lora_keep_bits(x2, p) if p > 0 else None
         alpha = scaling / (1.0 - p)  # the dropout's 1/(1-p), applied on the rank-r side
-        y.addmm_(a, lora_b.t(), alpha=alpha)
+        y, a = torch.ops.icae.lora_linear(x2, weight, bias, lora_a, lora_b, bits, alpha)
         ctx.save_for_backward(x, bits, a, weight, lora_a, lora_b)
-        ctx.alpha, ctx.masked = alpha, p > 0
+        ctx.alpha = alpha
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x, bits, a, weight, lora_a, lora_b = ctx.saved_tensors
         x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        keep = None
-        if ctx.masked:
-            keep = unpack_bits(bits, x2.shape) if bits.dtype == torch.uint8 else bits
+        keep = None if bits is None else unpack_bits(bits, x2.shape)
         grad_a = torch.mm(g2, lora_b).mul_(ctx.alpha)  # (N, r), includes s/(1-p)
         grad_b = torch.mm(g2.t(), a).mul_(ctx.alpha)
-        grad_lora_a = torch.mm(grad_a.t(), x2 * keep if keep is not None else x2)
+        grad_lora_a = torch.mm(grad_a.t(), x2 if keep is None else x2 * keep)
         grad_x = grad_w = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g2, weight)
