@@ -55,30 +55,29 @@ def test_policies_give_the_same_losses_and_gradients(mode, impl):
             torch.testing.assert_close(other[name], grads[name], atol=1e-5, rtol=1e-4, msg=f"{policy}: {name}")
 
 
-@pytest.mark.parametrize("impl", ["peft", "fused"])
-def test_selective_holds_less_than_off_and_more_than_full(impl):
+def held_after_forward(impl, policy):
     batch = collate(mixed_examples(), "epl", M, R, V)
-    held = {}
-    for policy in POLICIES:
-        model = make("shared", impl, policy)
-        with LiveBytes() as meter:
-            out = model(**batch)
-            held[policy] = meter.live  # what the forward leaves for backward (+ the loss)
-            out.loss.backward()
-        assert meter.peak >= held[policy]
+    model = make("shared", impl, policy)
+    with LiveBytes() as meter:
+        out = model(**batch)
+        held = meter.live  # what the forward leaves for backward (+ the loss)
+        out.loss.backward()
+    assert meter.peak >= held
+    return held
+
+
+def test_selective_holds_less_than_off_and_more_than_full():
+    held = {policy: held_after_forward("peft", policy) for policy in POLICIES}
     assert held["full"] < held["selective"] < 0.8 * held["off"], held
 
 
-def test_fused_lora_with_selective_holds_least():
-    batch = collate(mixed_examples(), "epl", M, R, V)
-    held = {}
-    for impl in ("peft", "fused"):
-        model = make("shared", impl, "selective")
-        with LiveBytes() as meter:
-            out = model(**batch)
-            held[impl] = meter.live
-        del out
-    assert held["fused"] < 0.8 * held["peft"], held
+def test_fused_lora_holds_what_selective_would_without_recompute():
+    """The fused path keeps what selective checkpointing would (matmul outputs, the norms' inputs, gate and
+    up; no dropout copies, no SiLU output or product); selective has nothing left to drop."""
+    held = {policy: held_after_forward("fused", policy) for policy in POLICIES}
+    peft = held_after_forward("peft", "selective")
+    assert held["off"] < 0.6 * held_after_forward("peft", "off") and held["off"] < peft, (held, peft)
+    assert held["full"] < held["off"] and held["selective"] < 1.1 * held["off"], held
 
 
 def test_policy_switch_and_bad_values():

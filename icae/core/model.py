@@ -100,7 +100,7 @@ class ICAE(nn.Module):
 
         self._tuner_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
         if config.lora_impl == "fused":
-            use_fused_lora(self._tuner_layers)
+            use_fused_lora(self.lm)
         self.checkpoint_policy = "full"  # what gradient checkpointing does when enabled (icae.core.checkpointing)
 
     # ------------------------------------------------------------------ plumbing
