@@ -163,3 +163,32 @@ def test_autocast_is_as_close_to_fp32_as_peft():
 def test_unknown_impl_is_refused():
     with pytest.raises(UserError, match="--lora_impl"):
         make("turbo")
+
+
+def test_norm_and_mlp_inputs_are_not_kept_twice():
+    """Even without dropout (PEFT then keeps one input per group too) the fused path saves less: projections
+    after a norm keep the norm's input and 1/rms, which the norm keeps anyway; the down projection keeps
+    gate and up, which SiLU and the product need anyway (not SiLU's output, not the product)."""
+    batch = collate(mixed_examples(), "epl", M, R, V)
+    saved = {}
+    for impl in ("peft", "fused"):
+        model = make(impl, "shared", 0.0)
+        with saved_tensor_bytes(exclude=model.parameters()) as meter:
+            model(**batch)
+        saved[impl] = meter.total
+    assert saved["fused"] < 0.8 * saved["peft"], saved
+
+
+def test_modules_that_compute_otherwise_are_left_alone():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class DoubledRMSNorm(LlamaRMSNorm):  # looks like Llama's, computes otherwise
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    base = tiny_base_model("llama")
+    layer = base.model.layers[0]
+    layer.input_layernorm = DoubledRMSNorm(64, eps=1e-6)
+    lora.use_fused_lora(base)
+    assert "forward" not in vars(layer.input_layernorm)
+    assert "forward" in vars(layer.post_attention_layernorm) and "forward" in vars(layer.mlp)
