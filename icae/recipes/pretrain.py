@@ -438,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     model = ICAE(config, base_model=base, tokenizer=tokenizer)
     if model_args.restore_from:
         model.load_trainable_weights(model_args.restore_from)
-    model.checkpoint_policy = args.gradient_checkpointing_policy or "full"  # used if the Trainer checkpoints
     model.training_info = {"model_max_length": example_cfg.model_max_length, "lm_ratio": example_cfg.lm_ratio,
                            "text_window": example_cfg.text_window, "train_source": data_args.train_file or "builtin:python-docs",
                            "command": "icae pretrain " + " ".join(shlex.quote(a) for a in argv_used)}
