@@ -132,15 +132,21 @@ def test_each_input_is_saved_once_and_masks_as_bits():
     assert sizes["fused"] < 0.75 * sizes["peft"], sizes
 
 
-def test_checkpoints_load_either_way(tmp_path):
-    fused, peft = make("fused", "separate"), make("peft", "separate")
-    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in peft.named_parameters()]
-    fused.save_pretrained(tmp_path)
-    loaded = ICAE.from_pretrained(tmp_path, base_model=tiny_base_model("llama"), lora_impl="peft").eval()
-    assert loaded.config.lora_impl == "peft"
+@pytest.mark.parametrize("saved_by, loaded_by", [("fused", "peft"), ("peft", "fused")])
+def test_checkpoints_load_either_way(tmp_path, saved_by, loaded_by):
+    """A checkpoint saved with one implementation loads into the other: the same tensors under the same
+    (PEFT's) names, and the loaded model gives the saving model's memory slots."""
+    saver = make(saved_by, "separate")
+    assert [n for n, _ in saver.named_parameters()] == [n for n, _ in make(loaded_by, "separate").named_parameters()]
+    saver.save_pretrained(tmp_path)
+    loaded = ICAE.from_pretrained(tmp_path, base_model=tiny_base_model("llama"), lora_impl=loaded_by).eval()
+    assert loaded.config.lora_impl == loaded_by
+    mine, theirs = saver.trainable_state_dict(), loaded.trainable_state_dict()
+    assert mine.keys() == theirs.keys() and any("lora_A" in k for k in mine)
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
     texts = [rand_ids(13, 3), rand_ids(5, 4)]
     with torch.no_grad():
-        torch.testing.assert_close(slots_of(loaded, texts), slots_of(fused.eval(), texts), atol=1e-6, rtol=0)
+        torch.testing.assert_close(slots_of(loaded, texts), slots_of(saver.eval(), texts), atol=1e-6, rtol=0)
 
 
 def test_autocast_is_as_close_to_fp32_as_peft():
