@@ -41,8 +41,8 @@ KINDS = (
     "attention: q, k, v (after rotary), output, logsumexp",
     "rotary: cos, sin",
     "MLP: SiLU input (gate output)",
-    "MLP: SiLU output and up output",
-    "RMSNorm: inputs and 1/rms",
+    "MLP: the product's inputs (PEFT: SiLU output, up; fused: gate, up)",
+    "RMSNorm: inputs and 1/rms (fused: also what the projections after it rebuild their input from)",
     "outside the layers: embeddings, slots",
     "loss: gradient w.r.t. the hidden states",
 )

@@ -244,7 +244,11 @@ def test_memory_breakdown_smoke(tmp_path):
         assert sum(r["saved"].values()) == r["saved_total"] > 0
         assert r["saved"]["attention: q, k, v (after rotary), output, logsumexp"] > 0
     masks, inputs = "LoRA: dropout masks", "LoRA: inputs kept for A's gradient"
-    assert fused["saved"][masks] * 7 < peft["saved"][masks] and fused["saved"][inputs] < peft["saved"][inputs]
+    assert fused["saved"][masks] * 7 < peft["saved"][masks]
+    # all-linear: fused projections rebuild their input from what a norm, attention or the MLP keeps anyway
+    assert fused["saved"].get(inputs, 0) * 4 < peft["saved"][inputs]
+    mlp = [k for k in peft["saved"] if k.startswith("MLP")]
+    assert sum(fused["saved"].get(k, 0) for k in mlp) < sum(peft["saved"][k] for k in mlp)  # no SiLU output
     for impl in ("peft", "fused"):
         assert (runs[impl, "full"]["held_after_forward"] < runs[impl, "selective"]["held_after_forward"]
                 < runs[impl, "off"]["held_after_forward"])
