@@ -63,6 +63,7 @@ def _csv(text: str, cast=str) -> list:
 def run_interleaved(args, device: str) -> int:
     """--interleave N: every reference-cost run of the plan with its partners of ours, N rounds, in this process
     (with --settings: a setting's reference and all its variants of ours in one group; else pair by pair)."""
+    env = environment(device)  # the load average at the start
     runs = plan_settings(args, device) if args.settings else plan_runs(args, device)
     groups = []
     for ref in dict.fromkeys(c for c in runs if c.impl == "reference"):
@@ -76,7 +77,6 @@ def run_interleaved(args, device: str) -> int:
             results.append(r)
             print(f"  {r['ours']}: ratio {r['step_time_ratio']:.2f} (quartiles {r['step_time_ratio_quartiles'][0]:.2f}-"
                   f"{r['step_time_ratio_quartiles'][1]:.2f})", file=sys.stderr)
-    env = environment(device)
     env["loadavg_end"] = loadavg()
     report = {"mode": "interleaved", "environment": env, "argv": ["benchmarks/train_step.py", *sys.argv[1:]],
               "results": results}
