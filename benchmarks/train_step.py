@@ -46,11 +46,11 @@ if str(HERE) not in sys.path:  # step_bench/ sits beside this script, also when 
 
 from step_bench.measure import environment, loadavg, matmul_peak, worker_env  # noqa: E402
 from step_bench.plan import (  # noqa: E402
-    CKPTS, DTYPES, LENGTH, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, MEM_SIZE, MODELS, RATE, RunConfig, plan_runs,
-    ratio_partners,
+    CKPTS, DTYPES, LENGTH, LORA_ALPHA, LORA_DROPOUT, LORA_IMPLS, LORA_R, LORA_TARGETS, MEM_SIZE, MODELS, RATE,
+    SETTINGS, RunConfig, plan_runs, plan_settings, ratio_partners,
 )
 from step_bench.report import mib, write_report  # noqa: E402
-from step_bench.steps import interleaved_pair, run_worker  # noqa: E402
+from step_bench.steps import interleaved_group, run_worker  # noqa: E402
 
 SCHEMA = "icae-train-step-benchmark/1"
 RESULT_MARKER = "BENCH_RESULT "
@@ -61,20 +61,22 @@ def _csv(text: str, cast=str) -> list:
 
 
 def run_interleaved(args, device: str) -> int:
-    """--interleave N: every ours/reference-cost pair of the plan, N rounds each, in this process."""
-    runs = plan_runs(args, device)
-    pairs = []
+    """--interleave N: every reference-cost run of the plan with its partners of ours, N rounds, in this process
+    (with --settings: a setting's reference and all its variants of ours in one group; else pair by pair)."""
+    env = environment(device)  # the load average at the start
+    runs = plan_settings(args, device) if args.settings else plan_runs(args, device)
+    groups = []
     for ref in dict.fromkeys(c for c in runs if c.impl == "reference"):
-        pairs += [(mine, ref) for mine in ratio_partners(ref, [c for c in runs if c.impl == "ours"])]
+        partners = ratio_partners(ref, [c for c in runs if c.impl == "ours"])
+        groups += [(ref, partners)] if args.settings else [(ref, [mine]) for mine in partners]
     results = []
-    for i, (mine, ref) in enumerate(pairs, 1):
-        print(f"[{i}/{len(pairs)}] {mine.key()} vs {ref.key()}, {args.interleave} rounds ...", end=" ",
+    for i, (ref, mine) in enumerate(groups, 1):
+        print(f"[{i}/{len(groups)}] {', '.join(c.key() for c in mine)} vs {ref.key()}, {args.interleave} rounds ...",
               file=sys.stderr, flush=True)
-        r = interleaved_pair(mine, ref, args.interleave)
-        results.append(r)
-        print(f"ratio {r['step_time_ratio']:.2f} (quartiles {r['step_time_ratio_quartiles'][0]:.2f}-"
-              f"{r['step_time_ratio_quartiles'][1]:.2f})", file=sys.stderr)
-    env = environment(device)
+        for r in interleaved_group(ref, mine, args.interleave):
+            results.append(r)
+            print(f"  {r['ours']}: ratio {r['step_time_ratio']:.2f} (quartiles {r['step_time_ratio_quartiles'][0]:.2f}-"
+                  f"{r['step_time_ratio_quartiles'][1]:.2f})", file=sys.stderr)
     env["loadavg_end"] = loadavg()
     report = {"mode": "interleaved", "environment": env, "argv": ["benchmarks/train_step.py", *sys.argv[1:]],
               "results": results}
@@ -117,7 +119,12 @@ def parse_args(argv):
     p.add_argument("--decoders", default=None, help="comma list of frozen, shared (default both)")
     p.add_argument("--dtypes", default=None, help="comma list of fp32, bf16 (autocast, fp32 weights: as icae "
                    "pretrain --bf16), bf16w (bf16 weights) (default fp32,bf16)")
-    p.add_argument("--ckpts", default=None, help="gradient checkpointing, comma list of off, on (default both)")
+    p.add_argument("--ckpts", default=None, help="gradient checkpointing, comma list of off, on (full), selective "
+                   "(default off,on; with --settings off,on,selective)")
+    p.add_argument("--settings", default=None, help="comma list of v2, seed: ICAE v2's setting (default layout, frozen "
+                   "decoder, LoRA q,v; reference with its decoder checkpointing) and the seed's (epl, shared decoder, "
+                   "all-linear LoRA; reference without checkpointing), batch 1, ours in every --ckpts x --lora-impls")
+    p.add_argument("--lora-impls", default=None, help="comma list of peft, fused (default peft; with --settings both)")
     p.add_argument("--ref-ckpts", default=None, help="checkpointing of the reference-cost runs: off, on, decoder "
                    "(the reference's own: decoder copy only); default: the same as --ckpts")
     p.add_argument("--no-reference", dest="reference", action="store_false", help="skip the reference-cost runs")
@@ -157,8 +164,12 @@ def resolve_args(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
-    mode = "smoke" if args.smoke else "quick" if args.quick else "matrix"
-    if mode == "smoke":
+    mode = "smoke" if args.smoke else "quick" if args.quick else "settings" if args.settings else "matrix"
+    if args.settings:
+        defaults = dict(models="tiny" if args.smoke else embedded_or_random(), batches="1", layouts="default",
+                        decoders="frozen", dtypes="fp32", ckpts="off,on,selective", lora_impls="peft,fused", repeats=1,
+                        warmup=1 if args.smoke else 2, steps=1 if args.smoke else 3)
+    elif mode == "smoke":
         defaults = dict(models="tiny", batches="1", layouts="epl", decoders="frozen", dtypes="fp32", ckpts="off",
                         repeats=1, warmup=1, steps=1)
     elif mode == "quick" and device == "cpu":
@@ -171,13 +182,16 @@ def resolve_args(args):
         defaults = dict(models=embedded_or_random() + ("" if device == "cpu" else ",llama-1b"), batches="1,4,8",
                         layouts="default,epl", decoders="frozen,shared", dtypes="fp32,bf16", ckpts="off,on",
                         repeats=2, warmup=2, steps=3 if device == "cpu" else 5)
+    defaults.setdefault("lora_impls", "peft")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.settings, args.lora_impls = _csv(args.settings or ""), _csv(args.lora_impls)
     args.models, args.layouts, args.decoders = _csv(args.models), _csv(args.layouts), _csv(args.decoders)
     args.dtypes, args.ckpts, args.batches = _csv(args.dtypes), _csv(args.ckpts), _csv(args.batches, int)
     args.ref_ckpts = _csv(args.ref_ckpts) if args.ref_ckpts else None
-    for name, allowed in (("models", MODELS), ("dtypes", DTYPES), ("ckpts", ("off", "on")),
+    for name, allowed in (("models", MODELS), ("dtypes", DTYPES), ("ckpts", ("off", "on", "selective")),
+                          ("settings", tuple(SETTINGS)), ("lora_impls", LORA_IMPLS),
                           ("decoders", ("frozen", "shared", "separate")), ("layouts", ("default", "epl", "epl_fixed"))):
         bad = [x for x in getattr(args, name) if x not in allowed]
         if bad:
@@ -205,7 +219,7 @@ def main(argv=None) -> int:
         if args.output is None or args.output == str(HERE / "results" / f"train_step-{mode}-{device}.json"):
             args.output = str(HERE / "results" / f"train_step-interleaved-{device}.json")
         return run_interleaved(args, device)
-    runs = plan_runs(args, device)
+    runs = plan_settings(args, device) if args.settings else plan_runs(args, device)
     if args.dry_run:
         for cfg in runs:
             print(cfg.key())
@@ -240,7 +254,8 @@ def main(argv=None) -> int:
         "schema": SCHEMA, "mode": mode, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": ["benchmarks/train_step.py", *(sys.argv[1:] if argv is None else argv)], "environment": env,
         "settings": {"length": args.length, "mem_size": args.mem_size, "rate": args.rate, "lora_r": LORA_R,
-                     "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT, "lora_targets": list(LORA_TARGETS),
+                     "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT,
+                     "lora_targets": ["per row"] if args.settings else list(LORA_TARGETS),
                      "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "optimizer": "AdamW"},
         "matmul_peak_before": peaks_before, "matmul_peak_after": peaks_after,
         "run_order": [c.key() for c in runs], "results": results,

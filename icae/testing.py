@@ -1,4 +1,5 @@
-"""Tiny, randomly initialised base models and a byte-level tokenizer: fast, offline, deterministic.
+"""Tiny, randomly initialised base models and a byte-level tokenizer: fast, offline, deterministic;
+and two memory meters (saved_tensor_bytes, LiveBytes).
 
 Used by the tests, the benchmarks' smoke mode and anyone who wants to try the pipeline without
 a real model. `save_tiny_model(dir)` writes an HF folder that `--model_name_or_path` accepts.
@@ -6,9 +7,12 @@ a real model. `save_tiny_model(dir)` writes an HF folder that `--model_name_or_p
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ARCHS = ("llama", "mistral", "qwen2")
 
@@ -63,3 +67,65 @@ def save_tiny_model(directory: str | Path, arch: str = "llama", seed: int = 0, *
     tiny_base_model(arch, seed, **kwargs).save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)
     return str(directory)
+
+
+class saved_tensor_bytes:
+    """Bytes autograd saves for backward under this context (each storage once, parameters excluded).
+
+    `by` (optional) names what saved a tensor, `by(tensor) -> str`; `.groups` sums the bytes per name.
+    Tensors saved inside a checkpointed region are not seen (checkpointing replaces them); see LiveBytes.
+    """
+
+    def __init__(self, exclude=(), by=None):
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self.by, self.total, self.groups, self._seen = by, 0, {}, set()
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.exclude and key not in self._seen and storage.nbytes():
+            self._seen.add(key)
+            name = self.by(t) if self.by else "saved"
+            self.groups[name] = self.groups.get(name, 0) + storage.nbytes()
+            self.total += storage.nbytes()
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the tensors created under this mode that are still alive (`live`), and their peak.
+
+    Every op's outputs are seen (also a selective checkpoint's cached ones), each storage counted once
+    until it is freed: what a caching allocator would report as allocated, without its rounding.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage._cdata, storage.nbytes()
+                # a view or an in-place result shares an input's storage: not new memory (e.g. a weight's .t())
+                if key not in self._seen and key not in inputs and nbytes:
+                    self._seen.add(key)
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key, nbytes)
+        return out

@@ -37,26 +37,37 @@ def sb(bench):
 SMALL = dict(length=70, mem_size=8, rate=4)
 
 
+QV, ALL = "q_proj,v_proj", "all-linear"
+
+
 @pytest.mark.parametrize(
-    "impl,batch,decoder,ckpt,attn",
+    "impl,batch,decoder,ckpt,attn,targets,lora",
     [
-        ("ours", 1, "frozen", "off", "eager"),
-        ("ours", 2, "shared", "off", "sdpa"),
-        ("ours", 2, "frozen", "on", "sdpa"),
-        ("ours", 1, "shared", "on", "eager"),
-        ("reference", 1, "frozen", "off", "sdpa"),
-        ("reference", 1, "frozen", "decoder", "eager"),
-        ("reference", 1, "frozen", "on", "sdpa"),
+        ("ours", 1, "frozen", "off", "eager", QV, "peft"),
+        ("ours", 2, "shared", "off", "sdpa", QV, "peft"),
+        ("ours", 2, "frozen", "on", "sdpa", QV, "peft"),
+        ("ours", 1, "shared", "on", "eager", QV, "peft"),
+        ("ours", 1, "shared", "selective", "sdpa", ALL, "fused"),
+        ("ours", 1, "frozen", "selective", "eager", QV, "peft"),
+        ("ours", 2, "shared", "off", "sdpa", ALL, "fused"),
+        ("ours", 1, "shared", "on", "sdpa", ALL, "fused"),
+        ("reference", 1, "frozen", "off", "sdpa", QV, "peft"),
+        ("reference", 1, "frozen", "decoder", "eager", QV, "peft"),
+        ("reference", 1, "frozen", "on", "sdpa", QV, "peft"),
+        ("reference", 1, "shared", "off", "sdpa", ALL, "peft"),
     ],
 )
-def test_flop_formula_matches_torch_flop_counter(sb, impl, batch, decoder, ckpt, attn):
+def test_flop_formula_matches_torch_flop_counter(sb, impl, batch, decoder, ckpt, attn, targets, lora):
     """The analytic count equals FlopCounterMode's count of one real step (forward, backward), exactly:
-    frozen weights get no weight-gradient matmuls, the encoder no logits (ours), recompute as counted."""
-    cfg = sb.plan.RunConfig(model="tiny", impl=impl, batch=batch, decoder=decoder, ckpt=ckpt, attn=attn, **SMALL)
+    frozen weights get no weight-gradient matmuls, the encoder no logits (ours), recompute as counted
+    (selective checkpointing: none of the matmuls)."""
+    cfg = sb.plan.RunConfig(model="tiny", impl=impl, batch=batch, decoder=decoder, ckpt=ckpt, attn=attn,
+                            lora_targets=targets, lora_impl=lora, **SMALL)
     stepper = sb.steps.Stepper(cfg)
     with sb.flops.flop_counter_mode() as counter:
         stepper.step()
-    flops = sb.flops.step_flops(stepper.shape, impl, batch, decoder, ckpt, fused_attention=attn != "eager", **SMALL)
+    flops = sb.flops.step_flops(stepper.shape, impl, batch, decoder, ckpt, fused_attention=attn != "eager",
+                                lora_targets=targets, **SMALL)
     assert counter.get_total_flops() == flops["executed_full_square"]  # FlopCounterMode counts all T^2 pairs
     if ckpt == "off" and attn == "eager":
         assert flops["executed"] == flops["model"] and flops["executed_full_square"] == flops["model_full_square"]
@@ -195,3 +206,67 @@ def test_data_scale_smoke_run_tokenizes_once_then_reads_the_cache(tmp_path):
     assert cold["train_examples"] == warm["train_examples"] == 190 and cold["eval_examples"] == 10
     assert 0 < warm["peak_private_mib"] <= warm["peak_rss_mib"]
     assert "| 200 | new | 1 | warm | 0 |" in out.with_suffix(".md").read_text()
+
+
+def test_settings_plan_pairs_each_reference_with_every_variant(bench, sb):
+    """--settings: ICAE v2's reference (its decoder checkpointing) and the seed's (shared decoder, all-linear,
+    no checkpointing), each compared with every checkpointing x LoRA variant of ours in the same setting."""
+    args, device, mode = bench.resolve_args(bench.parse_args(["--settings", "v2,seed", "--device", "cpu"]))
+    runs = sb.plan.plan_settings(args, device)
+    assert mode == "settings" and len(runs) == 2 * (1 + 3 * 2)
+    refs = [c for c in runs if c.impl == "reference"]
+    assert [(c.decoder, c.lora_targets, c.ckpt) for c in refs] == [("frozen", "q_proj,v_proj", "decoder"),
+                                                                   ("shared", "all-linear", "off")]
+    for ref in refs:
+        partners = sb.plan.ratio_partners(ref, [c for c in runs if c.impl == "ours"])
+        assert {(c.ckpt, c.lora_impl) for c in partners} == {(k, i) for k in ("off", "on", "selective")
+                                                             for i in ("peft", "fused")}
+        assert {(c.decoder, c.lora_targets, c.layout) for c in partners} == {
+            (ref.decoder, ref.lora_targets, "default" if ref.decoder == "frozen" else "epl")}
+    assert "shared-decoder|lora-all-linear" in refs[1].key() and runs[-1].key().endswith("|lora-all-linear|fused")
+
+
+def test_seed_reference_has_one_copy_and_adapts_the_decoder(sb):
+    cfg = sb.plan.RunConfig(model="tiny", impl="reference", decoder="shared", lora_targets="all-linear", **SMALL)
+    stepper = sb.steps.Stepper(cfg)
+    model = stepper.model
+    assert model.decoder is model.icae and len(list(model.parameters())) == len(list(model.icae.parameters())) + 1
+    stepper.forward().backward()
+    grads = [p.grad for n, p in model.icae.named_parameters() if "lora_B" in n and "mlp.down_proj" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_interleaved_settings_smoke(tmp_path):
+    out = tmp_path / "group.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--settings", "seed", "--ckpts", "off,selective",
+                           "--lora-impls", "fused", "--interleave", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["ours"].split("|")[6] for r in results] == ["ckpt-off", "ckpt-selective"]
+    assert len({tuple(r["reference_step_s"]) for r in results}) == 1  # one reference, timed once per round
+    assert all(r["target"] == 0.85 and r["step_time_ratio"] > 0 for r in results)
+
+
+def test_memory_breakdown_smoke(tmp_path):
+    """The breakdown's kinds cover what autograd saves; fused LoRA keeps no dropout copies; selective < off."""
+    script = SCRIPT.parent / "memory_breakdown.py"
+    out = tmp_path / "breakdown.json"
+    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--length", "70", "--mem-size", "8",
+                           "--settings", "seed", "--output", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {(r["lora_impl"], r["policy"]): r for r in json.loads(out.read_text())["runs"]}
+    peft, fused = runs["peft", "off"], runs["fused", "off"]
+    for r in (peft, fused):
+        assert sum(r["saved"].values()) == r["saved_total"] > 0
+        assert r["saved"]["attention: q, k, v (after rotary), output, logsumexp"] > 0
+    masks, inputs = "LoRA: dropout masks", "LoRA: inputs kept for A's gradient"
+    assert fused["saved"][masks] * 7 < peft["saved"][masks]
+    # all-linear: fused projections rebuild their input from what a norm, attention or the MLP keeps anyway
+    assert fused["saved"].get(inputs, 0) * 4 < peft["saved"][inputs]
+    mlp = [k for k in peft["saved"] if k.startswith("MLP")]
+    assert sum(fused["saved"].get(k, 0) for k in mlp) < sum(peft["saved"][k] for k in mlp)  # no SiLU output
+    for impl in ("peft", "fused"):
+        assert (runs[impl, "full"]["held_after_forward"] < runs[impl, "selective"]["held_after_forward"]
+                < runs[impl, "off"]["held_after_forward"])
+    assert "| kind |" in out.with_suffix(".md").read_text()

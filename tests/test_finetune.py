@@ -103,6 +103,34 @@ def test_two_step_finetune_takes_the_checkpoints_config_and_resumes(ws, tmp_path
     assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
 
 
+def test_fused_lora_and_checkpointing_policies_train_the_same_step(ws, tmp_path, monkeypatch):
+    """--lora_impl fused with selective or full checkpointing takes the step PEFT's LoRA takes without
+    checkpointing (dropout 0, SGD: the update is the gradient), the Trainer applies the policy given, and the
+    weights are saved under PEFT's names."""
+    used = []
+    enable = ICAE.activation_checkpointing_enable
+
+    def spy(self, *args, **kwargs):
+        enable(self, *args, **kwargs)
+        used.append((self.config.lora_impl, self.checkpoint_policy, self.base.is_gradient_checkpointing))
+
+    monkeypatch.setattr(ICAE, "activation_checkpointing_enable", spy)
+    common = "--max_steps 1 --optim sgd --learning_rate 0.5 --lora_dropout 0 --eval_strategy no --save_strategy no"
+    runs = {"peft": "", "selective": "--lora_impl fused --gradient_checkpointing_policy selective",
+            "full": "--lora_impl fused --gradient_checkpointing_policy full"}
+    for name, extra in runs.items():
+        assert finetune(ft_flags(ws, tmp_path / name, f"{common} {extra}")) == 0
+    assert used == [("fused", "selective", True), ("fused", "full", True)]
+    assert json.loads((tmp_path / "full" / "icae_config.json").read_text())["lora_impl"] == "fused"
+    pre, peft = weights(ws / "pre"), weights(tmp_path / "peft")
+    assert any((peft[k] - pre[k]).abs().max() > 1e-3 for k in pre if "lora_A" in k)  # the step moved LoRA
+    for name in ("selective", "full"):
+        fused = weights(tmp_path / name)
+        assert fused.keys() == peft.keys()
+        for key in peft:
+            torch.testing.assert_close(fused[key], peft[key], atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+
+
 def test_the_decoder_mode_is_the_checkpoints_unless_a_flag_says_otherwise(ws):
     def config(extra):
         argv = shlex.split(f"--restore_from {ws}/pre {extra}")

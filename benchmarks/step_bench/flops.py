@@ -37,7 +37,17 @@ class Shape:
         d, q, kv, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
         sizes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
                  "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
-        return sum(r * sum(sizes[t]) for t in targets)
+        return sum(r * sum(sizes[t]) for t in target_names(targets))
+
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_names(targets) -> tuple:
+    """LoRA targets as names: a tuple, a comma list, or 'all-linear' (every projection of a layer)."""
+    if isinstance(targets, str):
+        return ALL_LINEAR if targets == "all-linear" else tuple(t for t in targets.split(",") if t)
+    return tuple(targets)
 
 
 def segments(length: int, mem_size: int, rate: int) -> list[int]:
@@ -63,7 +73,8 @@ def step_flops(shape: Shape, impl: str, batch: int, decoder: str = "frozen", ckp
 
     `model` is what the step needs. `executed` adds what the kernels redo: gradient checkpointing
     re-runs the forward of each checkpointed layer during backward (torch's non-reentrant checkpoint
-    stops early, before the frozen down projection, whose output no backward needs), and fused
+    stops early, before the frozen down projection, whose output no backward needs; `selective`
+    checkpointing keeps every matmul and attention output, so it re-runs no matmul), and fused
     attention kernels (flash / memory-efficient, `fused_attention`) recompute QK^T in backward.
     `*_full_square` count attention over all T^2 pairs: torch's FlopCounterMode convention, which
     `executed_full_square` matches exactly (tests/test_benchmarks.py).
@@ -85,7 +96,7 @@ def _step_flops(shape, impl, batch, decoder, ckpt, length, mem_size, rate, lora_
     P, Pl = shape.layer_params, shape.lora_params(lora_r, lora_targets)
     attn = 4 * shape.heads * shape.head_dim * L  # per query-key pair
     down = 2 * shape.intermediate * d * L  # per token: the last matmul of each layer
-    adapted_down = "down_proj" in lora_targets
+    adapted_down = "down_proj" in target_names(lora_targets)
 
     def rows_pass(rows: list[int], lora: bool) -> tuple[int, int, int]:
         """(linear, lora, attention) forward FLOPs of a set of rows."""
@@ -104,7 +115,7 @@ def _step_flops(shape, impl, batch, decoder, ckpt, length, mem_size, rate, lora_
     else:  # reference cost model: batch 1, one call per segment, full logits in both halves
         enc_rows = [s + mem_size for s in segs] * batch
         enc_head, dec_head_positions = 2 * d * V * sum(enc_rows), batch * dec_len
-        dec_lora = False
+        dec_lora = decoder == "shared"  # the seed's version: the decoder is the LoRA-adapted encoder
     dec_rows = [dec_len] * batch
     e_lin, e_lora, e_att = rows_pass(enc_rows, True)
     d_lin, d_lora, d_att = rows_pass(dec_rows, dec_lora)
@@ -130,12 +141,20 @@ def _step_flops(shape, impl, batch, decoder, ckpt, length, mem_size, rate, lora_
 
 
 def flop_counter_mode():
-    """torch's FlopCounterMode, also counting the CPU flash-attention kernels it has no formula for."""
+    """torch's FlopCounterMode, also counting the CPU flash-attention kernels and the fused LoRA's projection
+    (icae.core.lora, a custom op) it has no formula for."""
     import torch
     from torch.utils import flop_counter as fc
 
-    custom = {}
+    import icae.core.lora  # noqa: F401 - registers torch.ops.icae
+
     aten = torch.ops.aten
+
+    def lora_linear(x, weight, bias, lora_a, lora_b, *args, out_shape=None, **kwargs):
+        n, d = x  # base, A and B matmuls
+        return 2 * n * (d * weight[0] + d * lora_a[0] + lora_a[0] * lora_b[0])
+
+    custom = {torch.ops.icae.lora_linear: lora_linear}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         def fwd(q, k, v, *args, out_shape=None, **kwargs):
             return fc.sdpa_flop_count(q, k, v)

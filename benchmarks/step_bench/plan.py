@@ -29,7 +29,17 @@ SMOLLM2_135M = dict(
 MODELS = ("smollm2-135m", "smollm2-135m-random", "llama-1b", "tiny")
 IMPLS = ("ours", "reference")
 DTYPES = ("fp32", "bf16", "bf16w")  # bf16: fp32 weights + autocast (as `icae pretrain --bf16`); bf16w: bf16 weights
-CKPTS = ("off", "on", "decoder")  # decoder: only the decoder checkpointed (reference-cost only: the reference's own)
+# on: full checkpointing; selective: ours only (icae.core.checkpointing);
+# decoder: only the decoder checkpointed (reference-cost only: the reference's own)
+CKPTS = ("off", "on", "decoder", "selective")
+LORA_IMPLS = ("peft", "fused")
+# The two settings of the step-memory comparison: ICAE v2's (its code: frozen decoder copy, LoRA on q,v,
+# decoder checkpointing) and the seed's (epl, the decoder IS the LoRA-adapted encoder, all-linear LoRA,
+# checkpointing disabled). `ref_ckpt`: the reference's own checkpointing.
+SETTINGS = {
+    "v2": dict(layout="default", decoder="frozen", lora_targets=",".join(LORA_TARGETS), ref_ckpt="decoder"),
+    "seed": dict(layout="epl", decoder="shared", lora_targets="all-linear", ref_ckpt="off"),
+}
 
 
 @dataclass(frozen=True)
@@ -51,17 +61,27 @@ class RunConfig:
     probe_n: int = 2048  # size of the run's own matmul probe
     live_memory: bool = False  # CPU: also profile one extra step for the peak of live tensor bytes
     seed: int = 0
+    lora_targets: str = ",".join(LORA_TARGETS)  # or "all-linear"
+    lora_impl: str = "peft"  # ours: peft | fused (icae.core.lora)
 
     def key(self) -> str:
+        lora = "" if self.lora_targets == ",".join(LORA_TARGETS) else f"|lora-{self.lora_targets}"
         if self.impl == "reference":
-            return f"{self.model}|reference-cost|b{self.batch}|{self.dtype}|ckpt-{self.ckpt}"
-        return f"{self.model}|ours|b{self.batch}|{self.layout}|{self.decoder}|{self.dtype}|ckpt-{self.ckpt}"
+            decoder = "|shared-decoder" if self.decoder == "shared" else ""
+            return f"{self.model}|reference-cost|b{self.batch}|{self.dtype}|ckpt-{self.ckpt}{decoder}{lora}"
+        lora += "|fused" if self.lora_impl == "fused" else ""
+        return f"{self.model}|ours|b{self.batch}|{self.layout}|{self.decoder}|{self.dtype}|ckpt-{self.ckpt}{lora}"
 
     def check(self) -> "RunConfig":
-        if self.impl not in IMPLS or self.model not in MODELS or self.dtype not in DTYPES or self.ckpt not in CKPTS:
+        if (self.impl not in IMPLS or self.model not in MODELS or self.dtype not in DTYPES or self.ckpt not in CKPTS
+                or self.lora_impl not in LORA_IMPLS):
             raise SystemExit(f"bad configuration {self}")
-        if self.impl == "reference" and self.batch != 1:
-            raise SystemExit("the reference-cost mode runs batch 1 only (as the reference does)")
+        if self.impl == "reference" and (self.batch != 1 or self.ckpt == "selective" or self.lora_impl != "peft"
+                                         or self.decoder == "separate"):
+            raise SystemExit("the reference-cost mode runs batch 1, PEFT's LoRA, frozen or shared decoder, "
+                             "ckpt off/on/decoder only (as the reference does)")
+        if self.impl == "reference" and self.decoder == "shared" and self.ckpt == "decoder":
+            raise SystemExit("the seed's reference has no separate decoder to checkpoint: ckpt off or on")
         if self.impl == "ours" and self.ckpt == "decoder":
             raise SystemExit("ckpt 'decoder' exists for the reference-cost mode only")
         if self.steps < 1 or self.warmup < 0:
@@ -99,12 +119,48 @@ def plan_runs(args, device: str) -> list[RunConfig]:
     return [c.check() for c in order]
 
 
+def targets(ref: RunConfig) -> dict:
+    """The ratio targets ours / reference-cost: the step-memory issue's for its two settings, else the first ones."""
+    if ref.decoder == "shared":
+        return {"step_time_ratio": 0.85, "peak_mem_ratio": 0.6}  # the seed's setting
+    if ref.ckpt == "decoder":
+        return {"step_time_ratio": 0.85, "peak_mem_ratio": 0.55}  # ICAE v2's, against its own checkpointing
+    return {"step_time_ratio": 0.7, "peak_mem_ratio": 0.6}
+
+
+def target_time_ratio(ref: RunConfig) -> float:
+    return targets(ref)["step_time_ratio"]
+
+
+def plan_settings(args, device: str) -> list[RunConfig]:
+    """--settings: per setting, the reference-cost run in its own checkpointing and ours in every --ckpts x
+    --lora-impls, batch 1; `repeats` rounds, the reference first, then last, alternately."""
+    common = dict(device=device, warmup=args.warmup, steps=args.steps, length=args.length, mem_size=args.mem_size,
+                  rate=args.rate, attn=args.attn, probe_n=args.matmul_n, live_memory=args.live_memory)
+    order = []
+    for name in args.settings:
+        s = SETTINGS[name]
+        setting = dict(layout=s["layout"], decoder=s["decoder"], lora_targets=s["lora_targets"], **common)
+        for mo in args.models:
+            for dt in args.dtypes:
+                ref = RunConfig(model=mo, impl="reference", dtype=dt, ckpt=s["ref_ckpt"], **setting)
+                ours = [RunConfig(model=mo, dtype=dt, ckpt=ck, lora_impl=li, **setting)
+                        for ck in args.ckpts for li in args.lora_impls]
+                for r in range(args.repeats):
+                    order += [ref, *ours] if r % 2 == 0 else [*ours, ref]
+    return [c.check() for c in order]
+
+
+def _same_setting(ref: RunConfig, c: RunConfig) -> bool:
+    return ((c.model, c.dtype, c.batch, c.decoder, c.lora_targets)
+            == (ref.model, ref.dtype, 1, ref.decoder, ref.lora_targets))
+
+
 def pair_partner(ref: RunConfig, ours: list[RunConfig]) -> RunConfig | None:
-    """Our run compared with a reference-cost run: same model, dtype and checkpointing (the reference's
-    decoder-only checkpointing is compared with ours off, our default, or else ours on), batch 1, frozen decoder."""
+    """Our run compared with a reference-cost run: same model, dtype, decoder and LoRA targets, batch 1, same
+    checkpointing (the reference's decoder-only checkpointing is compared with ours off, our default, or else on)."""
     for ckpt in ("off", "on") if ref.ckpt == "decoder" else (ref.ckpt,):
-        want = (ref.model, ref.dtype, ckpt, 1, "frozen")
-        same = [c for c in ours if (c.model, c.dtype, c.ckpt, c.batch, c.decoder) == want]
+        same = [c for c in ours if _same_setting(ref, c) and c.ckpt == ckpt and c.lora_impl == "peft"]
         same.sort(key=lambda c: c.layout != "default")  # the reference's own layout first, if it is in the matrix
         if same:
             return same[0]
@@ -112,9 +168,13 @@ def pair_partner(ref: RunConfig, ours: list[RunConfig]) -> RunConfig | None:
 
 
 def ratio_partners(ref: RunConfig, ours: list[RunConfig]) -> list[RunConfig]:
-    """Our runs a reference-cost run is compared with: its pair partner and, for the reference's own
-    decoder-only checkpointing, also ours with checkpointing on if that ran."""
-    found = [pair_partner(ref, ours)]
-    if ref.ckpt == "decoder":
-        found.append(pair_partner(dataclasses.replace(ref, ckpt="on"), ours))
-    return list(dict.fromkeys(c for c in found if c is not None))
+    """Our runs a reference-cost run is compared with: against the reference in its own checkpointing (decoder
+    for ICAE v2's frozen copy, off for the seed's shared decoder) every run of ours in the same setting; otherwise
+    its pair partner."""
+    own = ref.ckpt == ("decoder" if ref.decoder == "frozen" else "off")
+    if not own:
+        return [c for c in [pair_partner(ref, ours)] if c is not None]
+    found = {}
+    for c in sorted((c for c in ours if _same_setting(ref, c)), key=lambda c: c.layout != "default"):
+        found.setdefault((c.ckpt, c.lora_impl), c)  # one layout per variant
+    return list(found.values())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 
-from step_bench.plan import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, RunConfig
+from step_bench.plan import LORA_ALPHA, LORA_DROPOUT, LORA_R, RunConfig
 
 
 class ReferenceCostModel:
@@ -23,6 +23,9 @@ class ReferenceCostModel:
         then the cross-entropy over logits[:, :-1] (ignored positions included in the matmuls);
       * batch 1 only, default position ids, no attention mask (the reference passes none);
       * checkpointing: `decoder` = only the decoder copy (the reference's own setting), `on` = both.
+    With `decoder` "shared" it is the seed's version of that code instead: no second copy, the decoder IS the
+    LoRA-adapted encoder (`self.decoder = self.icae`, "fire the decoder"), LoRA on `cfg.lora_targets` (the seed's
+    all-linear), checkpointing disabled (`off`, the seed's own setting).
     The reference also resizes the embedding table by 1 + m + 3 rows; here the new ids are looked up
     in the memory table directly, which costs the same matmuls and differs by a few KB.
     """
@@ -36,11 +39,16 @@ class ReferenceCostModel:
         base.config.use_cache = False
         for p in base.parameters():
             p.requires_grad_(False)
-        self.decoder = copy.deepcopy(base)  # the second full copy of the weights
-        self.decoder.eval()  # as the reference's init; its Trainer then calls .train() on the whole module
+        shared = cfg.decoder == "shared"
+        if not shared:
+            self.decoder = copy.deepcopy(base)  # the second full copy of the weights
+            self.decoder.eval()  # as the reference's init; its Trainer then calls .train() on the whole module
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
         lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                          target_modules=list(LORA_TARGETS), bias="none", task_type="CAUSAL_LM")
+                          target_modules=targets, bias="none", task_type="CAUSAL_LM")
         self.icae = get_peft_model(base, lora)
+        if shared:
+            self.decoder = self.icae  # the seed: "fire the decoder"
         self.vocab, self.dim = base.get_input_embeddings().weight.shape
         self.memory_token_embed = nn.Embedding(cfg.mem_size + 3, self.dim).to(cfg.device)
         kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -55,7 +63,8 @@ class ReferenceCostModel:
 
     def parameters(self):
         yield from self.icae.parameters()
-        yield from self.decoder.parameters()
+        if self.decoder is not self.icae:
+            yield from self.decoder.parameters()
         yield from self.memory_token_embed.parameters()
 
     def trainable_parameters(self):

@@ -1,5 +1,5 @@
-"""Building one configuration and timing its steps, in a worker process (`run_worker`) or two
-configurations alternated in one process (`interleaved_pair`).
+"""Building one configuration and timing its steps, in a worker process (`run_worker`) or several
+configurations alternated in one process (`interleaved_pair`, `interleaved_group`).
 
 A step is forward + backward + AdamW on the trainable parameters; our ICAE (icae.core.model) or the
 reference-cost model (reference_cost.py) on the same collated batch of AE examples.
@@ -16,7 +16,8 @@ import time
 
 from step_bench.flops import Shape, flop_counter_mode, step_flops
 from step_bench.measure import RssPeak, matmul_peak
-from step_bench.plan import LLAMA_1B, LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, SMOLLM2_135M, RunConfig
+from step_bench.plan import (LLAMA_1B, LORA_ALPHA, LORA_DROPOUT, LORA_R, SMOLLM2_135M, RunConfig,
+                             target_time_ratio)
 from step_bench.reference_cost import ReferenceCostModel
 
 
@@ -73,10 +74,10 @@ def build_ours(cfg: RunConfig, base):
 
     config = ICAEConfig(fixed_mem_size=cfg.mem_size, mean_compression_rate=cfg.rate, position_layout=cfg.layout,
                         decoder_mode=cfg.decoder, lora_r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                        lora_target_modules=",".join(LORA_TARGETS))
+                        lora_target_modules=cfg.lora_targets, lora_impl=cfg.lora_impl)
     model = ICAE(config, base_model=base, tokenizer=None).to(cfg.device)
-    if cfg.ckpt == "on":
-        model.gradient_checkpointing_enable()
+    if cfg.ckpt in ("on", "selective"):
+        model.gradient_checkpointing_enable({"policy": "full" if cfg.ckpt == "on" else "selective"})
     return model.train()
 
 
@@ -213,7 +214,7 @@ def run_worker(cfg: RunConfig) -> dict:
     live = live_memory_peak(stepper) if cfg.live_memory and not cuda else None
     median = statistics.median(times)
     flops = step_flops(stepper.shape, cfg.impl, cfg.batch, cfg.decoder, cfg.ckpt, cfg.length, cfg.mem_size, cfg.rate,
-                       fused_attention=stepper.fused_attention)
+                       fused_attention=stepper.fused_attention, lora_targets=cfg.lora_targets)
     result = {
         "key": cfg.key(), "config": dataclasses.asdict(cfg), "status": "ok",
         "step_time_s": median, "step_times_s": times, "warmup_times_s": warm_times,
@@ -245,15 +246,22 @@ def run_worker(cfg: RunConfig) -> dict:
 
 
 def interleaved_pair(ours_cfg: RunConfig, ref_cfg: RunConfig, rounds: int) -> dict:
-    """The step-time ratio with both models in ONE process and their steps alternated ABBA.
+    """The step-time ratio with both models in ONE process and their steps alternated ABBA."""
+    return interleaved_group(ref_cfg, [ours_cfg], rounds)[0]
+
+
+def interleaved_group(ref_cfg: RunConfig, ours_cfgs: list[RunConfig], rounds: int) -> list[dict]:
+    """Step-time ratios of several of our configurations to one reference-cost configuration, all built in
+    ONE process, every model one step per round (the order reversed every other round).
 
     On a shared machine whose speed drifts by tens of percent within minutes, separate processes
-    (even ABBA) see different machines; adjacent steps a few seconds apart see the same one. No
-    memory is measured here (both models live in the process)."""
+    (even ABBA) see different machines; steps a few seconds apart see the same one. No memory is
+    measured here (all models live in the process)."""
     import gc
 
-    ours, ref = Stepper(ours_cfg), Stepper(ref_cfg)
-    ours.step(), ref.step()  # warm-up
+    steppers = [Stepper(ref_cfg)] + [Stepper(c) for c in ours_cfgs]
+    for st in steppers:
+        st.step()  # warm-up
 
     def timed(stepper):
         stepper.sync()
@@ -262,23 +270,27 @@ def interleaved_pair(ours_cfg: RunConfig, ref_cfg: RunConfig, rounds: int) -> di
         stepper.sync()
         return time.perf_counter() - t, time.process_time() - c
 
-    wall, cpu = {"ours": [], "ref": []}, {"ours": [], "ref": []}
+    wall, cpu = [[] for _ in steppers], [[] for _ in steppers]
     for r in range(rounds):
-        for name in ("ours", "ref") if r % 2 == 0 else ("ref", "ours"):
-            w, c = timed(ours if name == "ours" else ref)
-            wall[name].append(w)
-            cpu[name].append(c)
+        for i in range(len(steppers)) if r % 2 else reversed(range(len(steppers))):
+            w, c = timed(steppers[i])
+            wall[i].append(w)
+            cpu[i].append(c)
+    cfgs = [ref_cfg, *ours_cfgs]
     flops = [step_flops(st.shape, c.impl, c.batch, c.decoder, c.ckpt, c.length, c.mem_size, c.rate,
-                        fused_attention=st.fused_attention)["model"] for st, c in ((ours, ours_cfg), (ref, ref_cfg))]
-    del ours, ref
+                        fused_attention=st.fused_attention, lora_targets=c.lora_targets)["model"]
+             for st, c in zip(steppers, cfgs)]
+    del steppers
     gc.collect()
-    pairs = sorted(a / b for a, b in zip(wall["ours"], wall["ref"]))
-    return {
-        "ours": ours_cfg.key(), "reference": ref_cfg.key(), "rounds": rounds,
-        "ours_step_s": wall["ours"], "reference_step_s": wall["ref"],
-        "ours_cpu_s": cpu["ours"], "reference_cpu_s": cpu["ref"],
-        "step_time_ratio": statistics.median(pairs),
-        "step_time_ratio_quartiles": [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]],
-        "step_cpu_ratio": statistics.median(a / b for a, b in zip(cpu["ours"], cpu["ref"])),
-        "flops_model_ratio": flops[0] / flops[1], "target": 0.7,
-    }
+    out = []
+    for i, mine in enumerate(ours_cfgs, 1):
+        pairs = sorted(a / b for a, b in zip(wall[i], wall[0]))
+        out.append({
+            "ours": mine.key(), "reference": ref_cfg.key(), "rounds": rounds,
+            "ours_step_s": wall[i], "reference_step_s": wall[0], "ours_cpu_s": cpu[i], "reference_cpu_s": cpu[0],
+            "step_time_ratio": statistics.median(pairs),
+            "step_time_ratio_quartiles": [pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]],
+            "step_cpu_ratio": statistics.median(a / b for a, b in zip(cpu[i], cpu[0])),
+            "flops_model_ratio": flops[i] / flops[0], "target": target_time_ratio(ref_cfg),
+        })
+    return out

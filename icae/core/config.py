@@ -11,6 +11,7 @@ from icae.errors import UserError
 from icae.core.positions import LAYOUTS
 
 DECODER_MODES = ("frozen", "shared", "separate")
+LORA_IMPLS = ("peft", "fused")
 CONFIG_NAME = "icae_config.json"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"  # checkpoints that ship inside the package
 
@@ -49,6 +50,11 @@ class ICAEConfig:
     lora_target_modules: str = field(
         default="", metadata={"help": "'' = PEFT's default (q_proj,v_proj for Llama), 'all-linear', or a comma list"}
     )
+    lora_impl: str = field(
+        default="peft",
+        metadata={"help": "peft: PEFT's LoRA layers; fused: the same LoRA keeping each input once and dropout masks "
+                  "as bits (less activation memory, same distribution; icae.core.lora)"},
+    )
     # Filled in from the base model when a model is built; checked when a checkpoint is loaded.
     hidden_size: int | None = None
     vocab_size: int | None = None
@@ -60,6 +66,8 @@ class ICAEConfig:
             )
         if self.decoder_mode not in DECODER_MODES:
             raise UserError(f"unknown --decoder_mode {self.decoder_mode!r}: choose one of {', '.join(DECODER_MODES)}")
+        if self.lora_impl not in LORA_IMPLS:
+            raise UserError(f"unknown --lora_impl {self.lora_impl!r}: choose one of {', '.join(LORA_IMPLS)}")
         if self.fixed_mem_size < 1:
             raise UserError(f"--fixed_mem_size must be at least 1 (got {self.fixed_mem_size})")
         if self.mean_compression_rate < 1:

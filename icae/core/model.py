@@ -22,8 +22,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from icae.core import inference
+from icae.core.checkpointing import check_policy, checkpoint_contexts
 from icae.core.collate import IGNORE, Collator
 from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
+from icae.core.lora import use_fused_lora
 from icae.core.losses import linear_cross_entropy
 from icae.errors import UserError
 
@@ -97,6 +99,9 @@ class ICAE(nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self._tuner_layers = [m for m in self.lm.modules() if isinstance(m, BaseTunerLayer)]
+        if config.lora_impl == "fused":
+            use_fused_lora(self.lm)
+        self.checkpoint_policy = "full"  # what gradient checkpointing does when enabled (icae.core.checkpointing)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -147,14 +152,23 @@ class ICAE(nn.Module):
         # Gradient checkpointing recomputes layers during backward, when another adapter state may
         # be active: recompute each layer under the state it first ran with.
         state = self._adapter_state
-        return contextlib.nullcontext(), self._adapter(state)
+        return checkpoint_contexts(self.checkpoint_policy, self._adapter(state))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_context}
-        kwargs.update(gradient_checkpointing_kwargs or {})
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the decoder layers (every n-th); `policy` in the kwargs (or `checkpoint_policy`): full, selective."""
+        user = dict(activation_checkpointing_kwargs or {})
+        self.checkpoint_policy = check_policy(user.pop("policy", self.checkpoint_policy))
+        if self.checkpoint_policy == "off":
+            return self.gradient_checkpointing_disable()
+        kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_context, **user}
         kwargs["use_reentrant"] = False  # context_fn needs the non-reentrant implementation
-        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                  every_n_layers=every_n_layers, offload=offload)
         self.base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         self.base.gradient_checkpointing_disable()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from icae.core.checkpointing import check_policy
 from icae.core.config import ICAEConfig
 from icae.errors import UserError
 from icae.core.examples import ExampleConfig
@@ -85,12 +86,23 @@ class ICAETrainingArguments(TrainingArguments):
         default=None, metadata={"help": "learning rate of the memory/special token embeddings (default: --learning_rate)"}
     )
     disable_datasets_cache: bool = field(default=False, metadata={"help": "the seed's workaround: no datasets cache"})
+    gradient_checkpointing_policy: str | None = field(
+        default=None, metadata={"help": "off | full (= --gradient_checkpointing True) | selective: keep matmul and "
+                                "attention outputs, recompute only elementwise work (less memory, little time)"}
+    )
     remove_unused_columns: bool = field(default=False)
     prediction_loss_only: bool = field(default=True)
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
+        if self.gradient_checkpointing_policy is not None:  # the policy decides; a contradicting switch is an error
+            on = check_policy(self.gradient_checkpointing_policy) != "off"
+            for name in ("activation_checkpointing", "gradient_checkpointing"):
+                if getattr(self, name) is not None and bool(getattr(self, name)) != on:
+                    raise UserError(f"--{name} {getattr(self, name)} contradicts --gradient_checkpointing_policy "
+                                    f"{self.gradient_checkpointing_policy}: give only one of them")
+            self.activation_checkpointing = self.gradient_checkpointing = on
         self.remove_unused_columns = False  # our collator reads the raw examples
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
             self.use_cpu = True  # torchrun on CPUs: without this Trainer runs N unsynchronised copies

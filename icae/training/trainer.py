@@ -89,6 +89,9 @@ class ICAETrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        policy = getattr(self.args, "gradient_checkpointing_policy", None)
+        if policy:  # what activation_checkpointing_enable does when train() calls it (every recipe)
+            self.model.checkpoint_policy = policy
         self.text_tokens = 0  # text tokens compressed so far, on this process
         self._tokens_at_log = (0, time.perf_counter())
         self.add_callback(_FiniteGradientGuard(self))
