@@ -34,8 +34,8 @@ run long64-r16 --position_layout epl --decoder_mode shared --memory_learning_rat
 # optimizer). And the rate-8 run: the same checkpoint, 64-token texts -> 8 slots (one segment of 64 tokens).
 run curr64 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
   --restore_from runs/probes/epl-shared-memlr/checkpoint-850 --model_max_length 64 --max_steps 3000 \
-  --eval_steps 100 --save_steps 50                                                               # stopped at STEP64
+  --eval_steps 100 --save_steps 50                                                               # stopped at step 440 (Ctrl-C)
 run rate8 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
   --restore_from runs/probes/epl-shared-memlr/checkpoint-850 --model_max_length 64 --mean_compression_rate 8 \
-  --max_steps 3000 --eval_steps 100 --save_steps 50                                              # stopped at STEP8
+  --max_steps 3000 --eval_steps 100 --save_steps 50                                              # stopped at step 225 (Ctrl-C)
 icae report runs/probes -o docs/results/compressor/report
