@@ -51,12 +51,15 @@ MIB = 2**20
 
 
 class Tracker:
-    """The module being run (forward hooks) and the torch functions inside it (a TorchFunctionMode)."""
+    """The module being run (forward hooks) and the torch functions inside it (a TorchFunctionMode); the
+    tensors the MLP's gate, up and SiLU produced (to tell them from the fused down projection's own)."""
 
     def __init__(self, model):
+        import weakref
+
         from torch.overrides import TorchFunctionMode
 
-        self.modules, self.funcs, self.passes = [], [], 0
+        self.modules, self.funcs, self.passes, self.mlp_parts = [], [], 0, {}
         tracker = self
 
         class Funcs(TorchFunctionMode):
@@ -72,14 +75,16 @@ class Tracker:
         def enter(name):
             self.modules.append(name)
 
-        def leave(passes=0):
+        def leave(name, output, passes=0):
             self.modules.pop()
             self.passes += passes
+            if name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "act_fn") and output is not None:
+                self.mlp_parts[output.untyped_storage().data_ptr()] = weakref.ref(output)
 
         for name, module in model.named_modules():  # hooks returning None: they must not replace anything
             self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: enter(name)))
             self.handles.append(module.register_forward_hook(
-                lambda m, a, o, n=int(module is model.backbone): leave(n), always_call=True))
+                lambda m, a, o, name=name, n=int(module is model.backbone): leave(name, o, n), always_call=True))
 
     def close(self):
         for h in self.handles:
@@ -103,8 +108,11 @@ class Tracker:
             return KINDS[3] if "scaled_dot_product_attention" in self.funcs else KINDS[4]
         if last == "act_fn":
             return KINDS[5]
-        if last == "mlp":
-            return KINDS[6]
+        if last == "mlp":  # PEFT: SiLU's output and up; fused: gate and up, and the down projection's A output, bits
+            ref = self.mlp_parts.get(t.untyped_storage().data_ptr())
+            if ref is not None and ref() is not None:
+                return KINDS[6]
+            return KINDS[1] if t.dtype in (torch.uint8, torch.bool) else KINDS[2]
         if "norm" in last:
             return KINDS[7]
         return KINDS[9] if self.passes >= 2 else KINDS[8]

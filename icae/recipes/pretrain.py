@@ -88,7 +88,8 @@ class ICAETrainingArguments(TrainingArguments):
     disable_datasets_cache: bool = field(default=False, metadata={"help": "the seed's workaround: no datasets cache"})
     gradient_checkpointing_policy: str | None = field(
         default=None, metadata={"help": "off | full (= --gradient_checkpointing True) | selective: keep matmul and "
-                                "attention outputs, recompute only elementwise work (less memory, little time)"}
+                                "attention outputs, recompute only elementwise work (helps PEFT's LoRA; "
+                                "--lora_impl fused alone keeps less)"}
     )
     remove_unused_columns: bool = field(default=False)
     prediction_loss_only: bool = field(default=True)
