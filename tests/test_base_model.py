@@ -127,6 +127,26 @@ def test_converted_folder_matches_the_gguf(cache, tiny_gguf):
         torch.testing.assert_close(load_base_model(folder)(ids).logits, direct(ids).logits)
 
 
+def test_conversion_keeps_the_gguf_special_tokens(cache, monkeypatch, tiny_gguf):
+    """transformers 5.17 read SmolLM2's eos as <|im_start|>: the file's own ids (bos 1, eos 2) decide."""
+    import transformers
+
+    assert base_model.gguf_special_token_ids(tiny_gguf) == {"bos": 1, "eos": 2}
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def misread(*args, **kwargs):
+        tokenizer = real(*args, **kwargs)
+        tokenizer.eos_token = "<|im_start|>"  # what the older release did
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", misread)
+    folder = resolve_model(str(tiny_gguf))
+    monkeypatch.undo()
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == 2
+    assert json.loads((base_model.Path(folder) / "config.json").read_text())["eos_token_id"] == 2
+
+
 def test_gguf_path_cache_is_keyed_by_name_size_and_mtime(cache, conversions, tiny_gguf, tmp_path):
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(tiny_gguf.read_bytes())

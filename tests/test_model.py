@@ -226,3 +226,19 @@ def test_flash_attention_gets_whole_sequence_boundaries():
     assert kwargs["cu_seq_lens_q"].tolist() == [0, length] and kwargs["max_length_k"] == length
     two_rows = collate(mixed_examples()[:2], "epl", M, R, V)["decoder_attention_mask"]
     assert model._attention_kwargs(two_rows) == {}  # padded batches take the mask (unpad) path
+
+
+def test_memory_embeddings_start_on_the_base_models_device_with_the_same_values():
+    """A base model already on an accelerator (the step benchmark builds it there): the memory rows are
+    drawn on the CPU, as before, and land on the base model's device. `meta` stands in for CUDA here."""
+    cfg = ICAEConfig(fixed_mem_size=M, mean_compression_rate=R, lora_r=4)
+    torch.manual_seed(0)
+    on_cpu = ICAE(cfg, tiny_base_model())
+    base = tiny_base_model().to("meta")
+    torch.manual_seed(0)
+    on_meta = ICAE(cfg, base)
+    assert on_meta.memory_embeddings.weight.device.type == "meta"
+    assert on_cpu.memory_embeddings.weight.device.type == "cpu"
+    torch.manual_seed(0)
+    again = ICAE(cfg, tiny_base_model())
+    assert torch.equal(on_cpu.memory_embeddings.weight, again.memory_embeddings.weight)

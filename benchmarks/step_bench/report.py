@@ -58,7 +58,8 @@ def summarise(results: list[dict], peaks: dict) -> list[dict]:
                     for r in ok),
                 weight_bytes=ok[0]["weight_bytes"], base_weight_bytes=ok[0]["base_weight_bytes"],
                 flops_model=flops["model"], flops_executed=flops["executed"], flops_counted=ok[0].get("flops_counted"),
-                flops_counted_matches=all(r.get("flops_counted") == r["flops"]["executed_full_square"] for r in ok),
+                flops_counted_matches=(all(r["flops_counted"] == r["flops"]["executed_full_square"] for r in ok)
+                                       if all(r.get("flops_counted") is not None for r in ok) else None),
                 achieved_model_flops_per_s=flops["model"] / t, achieved_executed_flops_per_s=flops["executed"] / t,
                 peak_flops_per_s=wall_peak, peak_flops_per_cpu_s=cpu_peak,
                 model_fraction_of_peak=flops["model"] / t / wall_peak if wall_peak else None,

@@ -73,8 +73,29 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # Some transformers releases (5.17) map the GGUF's special tokens wrongly (eos -> <|im_start|>):
+    # the file's own ids decide.
+    for role, token_id in gguf_special_token_ids(gguf_path).items():
+        if getattr(tokenizer, f"{role}_token_id") != token_id:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
+            setattr(model.config, f"{role}_token_id", token_id)
+            if model.generation_config is not None:
+                setattr(model.generation_config, f"{role}_token_id", token_id)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def gguf_special_token_ids(gguf_path: Path) -> dict[str, int]:
+    """{"bos": id, "eos": id} as the GGUF file's metadata gives them (roles it does not name are left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path)).fields
+    ids = {}
+    for role in ("bos", "eos"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
 
 
 def _gguf_cache(gguf_path: Path, label: str) -> Path:

@@ -93,7 +93,8 @@ class ICAE(nn.Module):
         # Rows 0..m-1: memory tokens; then [AE], [LM], [FT]. Drawn from the base table's statistics
         # so the new tokens start where the LM expects embeddings to be.
         table = embeddings.detach().float()
-        init = table.mean(0) + table.std(0) * torch.randn(config.fixed_mem_size + NUM_SPECIAL, table.shape[1])
+        noise = torch.randn(config.fixed_mem_size + NUM_SPECIAL, table.shape[1])  # drawn on the CPU: same on any device
+        init = table.mean(0) + table.std(0) * noise.to(table.device)
         self.memory_embeddings = nn.Embedding.from_pretrained(init, freeze=False)
         self._adapter_state = "encoder"
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -163,8 +164,12 @@ class ICAE(nn.Module):
             return self.gradient_checkpointing_disable()
         kwargs = {"use_reentrant": False, "context_fn": self._checkpoint_context, **user}
         kwargs["use_reentrant"] = False  # context_fn needs the non-reentrant implementation
-        self.base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
-                                                  every_n_layers=every_n_layers, offload=offload)
+        enable = getattr(self.base, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers, offload=offload)
+        else:  # transformers before 5.2x: the same method under its old name
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs,
+                                                    every_n_layers=every_n_layers, offload=offload)
         self.base.enable_input_require_grads()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:

@@ -1,10 +1,10 @@
 """`icae demo`: the main job on embedded defaults, sized for a 2-core CPU (about 10 minutes).
 
 1. A short ICAE pretraining of the embedded SmolLM2-135M on the built-in corpus, with the recipe
-   that learned fastest in our study (docs/results/compressor.md), evaluated before and after.
-2. The shipped checkpoint (`smollm2-135m-icae`, trained longer with the same recipe) at work: one
-   held-out paragraph -> memory slots -> reconstruction next to the original, with its token
-   accuracy, and a continuation generated from the slots.
+   that learned fastest in our study (docs/results/compressor/README.md), evaluated before and after.
+2. The shipped checkpoint (`smollm2-135m-icae`: the same recipe trained longer, then on 64-token
+   texts on a GPU) at work: one held-out paragraph -> memory slots -> reconstruction next to the
+   original, with its token accuracy, and a continuation generated from the slots.
 Everything is written under the output folder. Any `icae pretrain` flag after the demo's own
 overrides its default.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 SHIPPED = "smollm2-135m-icae"
 
-# The study's fastest recipe (docs/results/compressor.md), cut to a few minutes of training:
+# The study's fastest recipe (docs/results/compressor/README.md), cut to a few minutes of training:
 # 32-token texts -> 8 slots (rate 4), EPL positions, the LoRA-adapted encoder as decoder, LoRA on
 # all linear layers, a 10x learning rate for the memory embeddings, a fresh random window of each
 # text on every visit, pure autoencoding.

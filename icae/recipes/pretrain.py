@@ -99,8 +99,10 @@ class ICAETrainingArguments(TrainingArguments):
             self.eval_strategy = self.evaluation_strategy
         if self.gradient_checkpointing_policy is not None:  # the policy decides; a contradicting switch is an error
             on = check_policy(self.gradient_checkpointing_policy) != "off"
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}  # None; older transformers: False
             for name in ("activation_checkpointing", "gradient_checkpointing"):
-                if getattr(self, name) is not None and bool(getattr(self, name)) != on:
+                value = getattr(self, name, None)  # older transformers have no activation_checkpointing
+                if value is not None and value != defaults.get(name) and bool(value) != on:
                     raise UserError(f"--{name} {getattr(self, name)} contradicts --gradient_checkpointing_policy "
                                     f"{self.gradient_checkpointing_policy}: give only one of them")
             self.activation_checkpointing = self.gradient_checkpointing = on
