@@ -39,3 +39,6 @@ run rate8 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-
   --restore_from runs/probes/epl-shared-memlr/checkpoint-850 --model_max_length 64 --mean_compression_rate 8 \
   --max_steps 3000 --eval_steps 100 --save_steps 50                                              # stopped at step 225 (Ctrl-C)
 icae report runs/probes -o docs/results/compressor/report
+# Session 5: the 64-token stage on one H200 (docs/results/gpu/call2.sh, the COMMON flags there): the shipped
+# 32-token weights (`--restore_from smollm2-135m-icae`, rank 19) on 64-token texts, batch 8 and batch 32 side by side,
+# stopped by SIGTERM after 7 minutes (steps 1,001 and 993); batch 32's step 993, exported to float16, is shipped.
