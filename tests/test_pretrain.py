@@ -126,8 +126,11 @@ def test_killed_run_resumes_to_the_same_weights(workspace):
     assert state["global_step"] == 24
     a, b = _weights(straight), _weights(killed)
     assert a.keys() == b.keys()
+    # One step moves a weight by ~lr = 5e-3, so a lost step, another data order or dropout mask would differ by
+    # ~1e-3; the straight run (in this process) and the resumed one (a fresh process, maybe another thread count)
+    # may sum in another order: up to ~1.3e-6 seen on a loaded machine.
     for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0)
+        torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=0)
 
 
 def test_two_processes_match_one_process_with_twice_the_batch(workspace):
