@@ -284,13 +284,15 @@ def test_memory_breakdown_fused_mlp_keeps_less(tmp_path):
     assert sum(fused["saved"].get(k, 0) for k in mlp) < sum(peft["saved"][k] for k in mlp)  # no SiLU output
 
 
-@pytest.mark.xfail(reason="open (issue 17): on the tiny model selective checkpointing over the fused path holds "
-                          "2,536,931 bytes after forward against 2,463,203 without checkpointing", strict=False)
-def test_memory_breakdown_selective_helps_the_fused_path(tmp_path):
+def test_memory_breakdown_selective_does_not_help_the_fused_path(tmp_path):
+    """What benchmarks/README.md and `--gradient_checkpointing_policy`'s help tell users (fused LoRA first;
+    selective helps PEFT's LoRA only): the selective policy keeps every matmul output, o_proj's and down_proj's
+    too, which backward without checkpointing does not need, and the fused path leaves it almost no elementwise
+    result to drop, so over the fused path it holds more than no checkpointing (issue 17 measured 960 vs 873 MiB)."""
     script = SCRIPT.parent / "memory_breakdown.py"
     out = tmp_path / "breakdown.json"
     proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--length", "70", "--mem-size", "8",
                            "--settings", "seed", "--output", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {(r["lora_impl"], r["policy"]): r["held_after_forward"] for r in json.loads(out.read_text())["runs"]}
-    assert runs["fused", "selective"] < runs["fused", "off"]
+    assert runs["fused", "off"] < runs["fused", "selective"]
