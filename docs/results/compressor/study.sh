@@ -42,3 +42,6 @@ icae report runs/probes -o docs/results/compressor/report
 # Session 5: the 64-token stage on one H200 (docs/results/gpu/call2.sh, the COMMON flags there): the shipped
 # 32-token weights (`--restore_from smollm2-135m-icae`, rank 19) on 64-token texts, batch 8 and batch 32 side by side,
 # stopped by SIGTERM after 7 minutes (steps 1,001 and 993); batch 32's step 993, exported to float16, is shipped.
+# Session 5, batch 32 from scratch on the CPU (stopped at step 246 with Ctrl-C):
+run epl-shared-memlr-b32 --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
+  --per_device_train_batch_size 32 --max_steps 3000 --eval_steps 25 --save_steps 25               # stopped at step 246
