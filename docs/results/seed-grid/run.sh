@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 18, the seed's grid on the CPU at the study's recipe (batch 8, 32-token texts -> 8 slots, 1,000 steps):
-# one run per call, resumable (the same line again).  usage: bash runs/grid.sh GRID RUN
-cd "$(dirname "$0")/.."
+# one run per call, resumable (the same line again).  usage: bash docs/results/seed-grid/run.sh GRID RUN
+cd "$(dirname "$0")/../../.."
 grid=$1; run=$2; seed=${run##*seed}
 OMP_NUM_THREADS=${THREADS:-1} exec .venv/bin/icae ablate --grid "$grid" --seeds "$seed" --only "$run" --output_dir runs/grid \
   --model_max_length 32 --fixed_mem_size 8 --mean_compression_rate 4 --lm_ratio 0 --text_window random \
