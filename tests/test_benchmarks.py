@@ -248,14 +248,21 @@ def test_interleaved_settings_smoke(tmp_path):
     assert all(r["target"] == 0.85 and r["step_time_ratio"] > 0 for r in results)
 
 
-def test_memory_breakdown_smoke(tmp_path):
-    """The breakdown's kinds cover what autograd saves; fused LoRA keeps no dropout copies; selective < off."""
-    script = SCRIPT.parent / "memory_breakdown.py"
-    out = tmp_path / "breakdown.json"
-    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--length", "70", "--mem-size", "8",
-                           "--settings", "seed", "--output", str(out)], capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def breakdown(tmp_path_factory):
+    """benchmarks/memory_breakdown.py on the tiny model in the seed's setting, run once for the tests below:
+    (runs by (lora_impl, policy), the JSON's path)."""
+    out = tmp_path_factory.mktemp("breakdown") / "breakdown.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "memory_breakdown.py"), "--model", "tiny", "--length",
+                           "70", "--mem-size", "8", "--settings", "seed", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {(r["lora_impl"], r["policy"]): r for r in json.loads(out.read_text())["runs"]}
+    return {(r["lora_impl"], r["policy"]): r for r in json.loads(out.read_text())["runs"]}, out
+
+
+def test_memory_breakdown_smoke(breakdown):
+    """The breakdown's kinds cover what autograd saves; fused LoRA keeps no dropout copies; selective < off."""
+    runs, out = breakdown
     peft, fused = runs["peft", "off"], runs["fused", "off"]
     for r in (peft, fused):
         assert sum(r["saved"].values()) == r["saved_total"] > 0
@@ -270,29 +277,19 @@ def test_memory_breakdown_smoke(tmp_path):
     assert "| kind |" in out.with_suffix(".md").read_text()
 
 
-def test_memory_breakdown_fused_mlp_keeps_less(tmp_path):
+def test_memory_breakdown_fused_mlp_keeps_less(breakdown):
     """The fused MLP keeps gate and up (PEFT: gate, SiLU's output and up); the down projection's A output and
     mask bits, saved in the MLP's forward, are counted as LoRA's (they were once counted as the MLP's)."""
-    script = SCRIPT.parent / "memory_breakdown.py"
-    out = tmp_path / "breakdown.json"
-    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--length", "70", "--mem-size", "8",
-                           "--settings", "seed", "--output", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {(r["lora_impl"], r["policy"]): r for r in json.loads(out.read_text())["runs"]}
+    runs, _ = breakdown
     peft, fused = runs["peft", "off"], runs["fused", "off"]
     mlp = [k for k in peft["saved"] if k.startswith("MLP")]
     assert sum(fused["saved"].get(k, 0) for k in mlp) < sum(peft["saved"][k] for k in mlp)  # no SiLU output
 
 
-def test_memory_breakdown_selective_does_not_help_the_fused_path(tmp_path):
+def test_memory_breakdown_selective_does_not_help_the_fused_path(breakdown):
     """What benchmarks/README.md and `--gradient_checkpointing_policy`'s help tell users (fused LoRA first;
     selective helps PEFT's LoRA only): the selective policy keeps every matmul output, o_proj's and down_proj's
     too, which backward without checkpointing does not need, and the fused path leaves it almost no elementwise
     result to drop, so over the fused path it holds more than no checkpointing (issue 17 measured 960 vs 873 MiB)."""
-    script = SCRIPT.parent / "memory_breakdown.py"
-    out = tmp_path / "breakdown.json"
-    proc = subprocess.run([sys.executable, str(script), "--model", "tiny", "--length", "70", "--mem-size", "8",
-                           "--settings", "seed", "--output", str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = {(r["lora_impl"], r["policy"]): r["held_after_forward"] for r in json.loads(out.read_text())["runs"]}
-    assert runs["fused", "off"] < runs["fused", "selective"]
+    runs, _ = breakdown
+    assert runs["fused", "off"]["held_after_forward"] < runs["fused", "selective"]["held_after_forward"]
