@@ -187,21 +187,82 @@ def test_tokenizing_is_cached_by_fingerprint_across_processes(tmp_path, capsys, 
     assert tokenize_table(load_text_table(source), byte_tokenizer(), 8)["num_tokens"][0] == 8 and sum(tokenized) == 100
 
 
-def test_tokenizing_in_two_processes_gives_the_same_ids_and_is_cached_too(tmp_path, capsys):
-    """--preprocessing_num_workers 2: datasets writes one file per worker; a rerun maps them, tokenizing nothing."""
+def test_tokenizing_in_two_processes_gives_the_same_ids_and_is_cached_too(tmp_path, capsys, monkeypatch):
+    """--preprocessing_num_workers 2: the batches are tokenized in two other processes, come back in order into
+    one file, and a rerun maps it, tokenizing nothing."""
+    import multiprocessing
+
+    import icae.data.tables as tables_module
+    import icae.data.tokens as tokens_module
     from icae.testing import byte_tokenizer
 
-    texts = [f"text number {i} " * (1 + i % 4) for i in range(41)]
+    monkeypatch.setattr(tables_module, "BATCH_ROWS", 7)  # several record batches in the file
+    pids = tmp_path / "pids"
+    real = tokens_module._tokenize_batch
+
+    def recording(texts, **kw):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(texts, **kw)
+
+    monkeypatch.setattr(tokens_module, "_tokenize_batch", recording)
+    texts = [f"text number {i} " * (1 + i % 4) for i in range(2041)]
     source = write_json(tmp_path / "t.json", texts)
     tokens = tokenize_table(load_text_table(source), byte_tokenizer(), 24, num_proc=2, verbose=True)
     expected = [x[:24] for x in byte_tokenizer()(texts, add_special_tokens=False)["input_ids"]]
-    assert tokens["input_ids"][:] == expected and "41 texts, tokenizing" in capsys.readouterr().err
-    files = sorted(f["filename"] for f in tokens.cache_files)
-    assert len(files) == 2 and all(f.endswith(f"_{k:05d}_of_00002.arrow") for k, f in zip(range(2), files))
-    stamps = [os.stat(f).st_mtime_ns for f in files]
+    assert tokens["input_ids"][:] == expected and "2,041 texts, tokenizing" in capsys.readouterr().err
+    if multiprocessing.get_start_method() == "fork":  # a forked worker runs the recording function
+        workers = set(pids.read_text().split())
+        assert len(pids.read_text().split()) == 3 and str(os.getpid()) not in workers and len(workers) <= 2
+    (file,) = [f["filename"] for f in tokens.cache_files]
+    stamp = os.stat(file).st_mtime_ns
     again = tokenize_table(load_text_table(source), byte_tokenizer(), 24, num_proc=2, verbose=True)
-    assert again["input_ids"][:] == expected and "41 texts, from the cache" in capsys.readouterr().err
-    assert [os.stat(f).st_mtime_ns for f in files] == stamps
+    assert again["input_ids"][:] == expected and "2,041 texts, from the cache" in capsys.readouterr().err
+    assert os.stat(file).st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_a_filtered_and_split_table_reads_its_rows_from_the_file_as_datasets_map_does(tmp_path, monkeypatch,
+                                                                                      num_proc):
+    """The texts a filtered (min_chars) and split table holds, read from the file in batches (across record
+    batches of the file and of the output), give the ids of datasets' own `map` over the same table."""
+    import icae.data.tables as tables_module
+    from icae.data.texts import split_train_eval
+    from icae.data.tokens import _tokenize_batch, _text_batches
+    from icae.testing import byte_tokenizer
+
+    monkeypatch.setattr(tables_module, "BATCH_ROWS", 13)
+    texts = [("long text %d " % i) * (i % 5) for i in range(3000)]  # every fifth is blank: left out
+    source = write_json(tmp_path / "t.json", texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = load_text_table(source, min_chars=1)
+    assert len(table) == 2400
+    file, rows = tables_module.texts_file(table)
+    assert [t for batch in _text_batches(file, rows, size=100) for t in batch] == table["text"][:]
+    train, evaluation = split_train_eval(table, 120)
+    for part in (train, evaluation, train.select(range(500, 2100))):
+        ours = tokenize_table(part, byte_tokenizer(), 9, num_proc=num_proc)
+        theirs = part.map(_tokenize_batch, batched=True, input_columns="text", remove_columns=part.column_names,
+                          fn_kwargs={"tokenizer": byte_tokenizer(), "max_length": 9}, keep_in_memory=True)
+        assert len(ours) == len(part) and ours["input_ids"][:] == theirs["input_ids"][:]
+        assert ours["num_tokens"][:] == theirs["num_tokens"][:]
+    with pytest.raises(ValueError, match="increase"):
+        next(_text_batches(file, rows[::-1]))
+
+
+def test_other_tables_are_tokenized_with_datasets_map(tmp_path):
+    """A table that is not a text table of ours (a list made into one, shuffled rows) takes `map`'s path."""
+    from icae.data.tables import texts_file
+    from icae.data.tokens import text_table
+    from icae.testing import byte_tokenizer
+
+    listed = text_table(["one text", "another text"])
+    assert texts_file(listed) is None and tokenize_table(listed, byte_tokenizer())["num_tokens"][:] == [8, 12]
+    source = write_json(tmp_path / "t.json", [f"text {i}" for i in range(20)])
+    shuffled = load_text_table(source).shuffle(seed=0)
+    ids = tokenize_table(shuffled, byte_tokenizer())["input_ids"][:]
+    assert ids == byte_tokenizer()(shuffled["text"][:], add_special_tokens=False)["input_ids"]
 
 
 # ----------------------------------------------------------------------------- the examples: old and new paths

@@ -26,8 +26,9 @@ from icae.data.texts import (
     BUILTIN_PYTHON_DOCS, NotUtf8Warning, builtin_python_docs, iter_texts, no_texts_error, skipped_texts,
 )
 
-TABLE_VERSION = 1  # bump when the table layout or the readers change what they produce
+TABLE_VERSION = 2  # bump when the table layout or the readers change what they produce
 BATCH_ROWS = 1000
+TEXTS_FILE = "texts.arrow"
 
 
 def tables_dir() -> Path:
@@ -63,16 +64,20 @@ def source_key(source: str) -> str:
 
 
 def _write_arrow(path: Path, texts) -> int:
-    """Texts to an Arrow stream file, BATCH_ROWS at a time: columns `text` and `chars` (its length, 0 when
-    blank, for a cheap filter). Returns the number of rows."""
+    """Texts to an Arrow stream file, BATCH_ROWS at a time: columns `text`, `chars` (its length, 0 when
+    blank, for a cheap filter) and `row` (its row number in this file, which a filtered or split table keeps:
+    `icae.data.tokens` reads the texts it needs from the file by it, without mapping it). Returns the number
+    of rows."""
     import pyarrow as pa
 
-    schema = pa.schema([("text", pa.string()), ("chars", pa.int64())])
+    schema = pa.schema([("text", pa.string()), ("chars", pa.int64()), ("row", pa.int64())])
     texts, rows = iter(texts), 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         while batch := list(itertools.islice(texts, BATCH_ROWS)):
             chars = [0 if t.isspace() else len(t) for t in batch]
-            writer.write_batch(pa.record_batch([pa.array(batch, pa.string()), pa.array(chars, pa.int64())], schema))
+            numbers = pa.array(range(rows, rows + len(batch)), pa.int64())
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string()), pa.array(chars, pa.int64()), numbers],
+                                               schema))
             rows += len(batch)
     return rows
 
@@ -86,7 +91,7 @@ def _write_table(folder: Path, source: str) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            rows = _write_arrow(tmp / "texts.arrow", iter_texts(source))
+            rows = _write_arrow(tmp / TEXTS_FILE, iter_texts(source))
         ours = [str(w.message) for w in caught if issubclass(w.category, NotUtf8Warning)]
         for w in caught:  # others pass through (ours are given on every load, from meta.json)
             if not issubclass(w.category, NotUtf8Warning):
@@ -104,7 +109,7 @@ def _write_table(folder: Path, source: str) -> None:
 
 
 def load_text_table(source: str, min_chars: int = 0):
-    """The texts of a source as a memory-mapped `datasets.Dataset` with columns `text` and `chars`,
+    """The texts of a source as a memory-mapped `datasets.Dataset` with columns `text`, `chars` and `row`,
     blank texts and texts under `min_chars` characters left out (a cached `filter`, counted in one warning).
 
     The first call reads the source (a bad file fails here with the same one-line error as
@@ -120,7 +125,7 @@ def load_text_table(source: str, min_chars: int = 0):
     meta = json.loads((folder / "meta.json").read_text())
     for message in meta["warnings"]:
         warnings.warn(message, NotUtf8Warning, stacklevel=2)
-    table = Dataset.from_file(str(folder / "texts.arrow"))
+    table = Dataset.from_file(str(folder / TEXTS_FILE))
     kept = table.filter(_long_enough, batched=True, batch_size=10_000, input_columns="chars",
                         fn_kwargs={"min_chars": max(min_chars, 1)}, desc="skipping short texts")
     skipped_texts(source, len(table), len(kept), min_chars)
@@ -129,3 +134,19 @@ def load_text_table(source: str, min_chars: int = 0):
 
 def _long_enough(chars: list[int], min_chars: int) -> list[bool]:
     return [n >= min_chars for n in chars]
+
+
+def texts_file(table) -> tuple[str, "numpy.ndarray"] | None:
+    """(the texts.arrow a table of `load_text_table` reads, the file rows it holds, increasing), or None for
+    any other table (a list made into a table, another library's data set, a shuffled table). What lets a pass over a table's
+    texts read the file in batches instead of through its memory map, whose pages count in the process's
+    resident memory once touched (`icae.data.tokens.tokenize_table`)."""
+    if "row" not in table.column_names:
+        return None
+    files = [f["filename"] for f in table.cache_files if Path(f["filename"]).name == TEXTS_FILE]
+    if len(files) != 1 or not (Path(files[0]).parent / "meta.json").is_file():
+        return None
+    rows = table.with_format("arrow")["row"].to_numpy()
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # reordered (a shuffle): read through the map
+        return None
+    return files[0], rows

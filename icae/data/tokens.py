@@ -4,6 +4,7 @@ for pretraining), or a list cached as JSON (`tokenize_texts`, for small lists)."
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -60,26 +61,123 @@ def tokens_fingerprint(table, tokenizer, max_length: int | None) -> str:
 def tokenize_table(table, tokenizer, max_length: int | None = None, num_proc: int | None = None,
                    desc: str = "tokenizing", verbose: bool = False):
     """Columns `input_ids` (int32, no special tokens, cut to `max_length`: the seed's truncation) and
-    `num_tokens` for the `text` column of a `datasets.Dataset`.
-
-    A batched `map`, over `num_proc` processes, whose result datasets writes next to the table under a
-    fingerprint of (table, tokenizer state, max_length): a rerun, or another rank after the main one
+    `num_tokens` for the `text` column of a `datasets.Dataset`, cached next to the table under a fingerprint
+    of (table, tokenizer state, max_length): a rerun, or another rank after the main one
     (`TrainingArguments.main_process_first`), maps that file instead of tokenizing.
+
+    A table of `load_text_table` is read from its file in batches (`_tokenize_file`), not through its
+    memory map: every page of a mapped file a process touches counts in its resident memory, so a `map`
+    over the table would make a first run's peak RSS grow with the corpus. Other tables go through
+    `datasets`' batched `map`. Both use `num_proc` processes.
     """
     from datasets import Features, Sequence, Value
+
+    from icae.data.tables import texts_file
 
     num_proc = num_proc if num_proc and num_proc > 1 else None  # datasets starts a worker even for num_proc=1
     fingerprint = tokens_fingerprint(table, tokenizer, max_length)
     path = cache_file(table, fingerprint)
+    features = Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int32")})
+    source = texts_file(table)
+    if source is not None:
+        if path is None:  # caching disabled: datasets' temporary folder, removed at exit
+            from datasets.fingerprint import get_temporary_cache_files_directory
+
+            path = Path(get_temporary_cache_files_directory()) / f"tokens-{fingerprint}.arrow"
+        cached = path.is_file()
+        if verbose:
+            print(f"{desc}: {len(table):,} texts, {'from the cache' if cached else 'tokenizing'}", file=sys.stderr,
+                  flush=True)
+        if not cached:
+            _tokenize_file(*source, path, features, tokenizer, max_length, num_proc, desc)
+        from datasets import Dataset
+        from datasets.table import MemoryMappedTable
+
+        return Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=fingerprint)
     if verbose:
         how = "from the cache" if _is_cached(path, num_proc) else "tokenizing"
         print(f"{desc}: {len(table):,} texts, {how}", file=sys.stderr, flush=True)
     return table.map(
         _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=table.column_names,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, num_proc=num_proc,
-        features=Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int32")}),
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, num_proc=num_proc, features=features,
         new_fingerprint=fingerprint, cache_file_name=str(path) if path else None, desc=desc,
     )
+
+
+def _text_batches(file: str, rows, size: int = 1000):
+    """Lists of up to `size` texts: the given rows (increasing) of an Arrow stream file, read in order with
+    plain reads (memory: one record batch, whatever the file's size)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        raise ValueError("rows must increase")
+    pending: list[str] = []
+    start, done = 0, 0
+    with pa.OSFile(file, "rb") as source, pa.ipc.open_stream(source) as reader:
+        for batch in reader:
+            end = start + batch.num_rows
+            stop = int(np.searchsorted(rows, end))
+            if stop > done:
+                pending += batch.column("text").take(pa.array(rows[done:stop] - start)).to_pylist()
+                done = stop
+            while len(pending) >= size:
+                yield pending[:size]
+                pending = pending[size:]
+            start = end
+            if done == len(rows):
+                break
+    if done != len(rows):
+        raise ValueError(f"{file} has {start} rows, fewer than the table asks for")
+    if pending:
+        yield pending
+
+
+def _init_worker(tokenizer, max_length):
+    global _WORKER
+    _WORKER = (tokenizer, max_length)
+
+
+def _tokenize_in_worker(texts: list[str]) -> dict:
+    tokenizer, max_length = _WORKER
+    return _tokenize_batch(texts, tokenizer=tokenizer, max_length=max_length)
+
+
+def _tokenize_file(file: str, rows, path: Path, features, tokenizer, max_length: int | None, num_proc: int | None,
+                   desc: str) -> None:
+    """Tokenize rows of a text file into an Arrow file at `path` (written beside it, then renamed: a killed
+    run leaves no half file that a rerun would take). With `num_proc`, batches go to that many processes,
+    a few at a time, and come back in order."""
+    import collections
+    import concurrent.futures
+
+    from datasets.arrow_writer import ArrowWriter
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    bar = tqdm(total=len(rows), desc=desc, unit=" texts", disable=len(rows) <= 1000, leave=False)
+    try:
+        with ArrowWriter(features=features, path=str(tmp)) as writer:
+            batches = _text_batches(file, rows)
+            if num_proc is None:
+                for texts in batches:
+                    writer.write_batch(_tokenize_batch(texts, tokenizer=tokenizer, max_length=max_length))
+                    bar.update(len(texts))
+            else:
+                with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_init_worker,
+                                                            initargs=(tokenizer, max_length)) as pool:
+                    running: collections.deque = collections.deque()
+                    for texts in itertools.chain(batches, [None] * (2 * num_proc)):
+                        if texts is not None:
+                            running.append(pool.submit(_tokenize_in_worker, texts))
+                        if running and (texts is None or len(running) >= 2 * num_proc):
+                            out = running.popleft().result()
+                            writer.write_batch(out)
+                            bar.update(len(out["num_tokens"]))
+            writer.finalize()
+        os.replace(tmp, path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
 
 
 def text_table(texts):
