@@ -79,6 +79,13 @@ def test_json_jsonl_and_parquet_give_the_same_records(tmp_path):
         assert load_qa(str(tmp_path / name)) == RECORDS, name
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """U+2028 (and \\r before the newline) inside a record: a legal JSON line, one record, as texts.jsonl reads it."""
+    record = {"input": "a\u2028line\x85separator", "prompt": "p\u2029", "answer": "a"}
+    (tmp_path / "a.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\r\n" + json.dumps(record) + "\n")
+    assert load_qa(str(tmp_path / "a.jsonl")) == [record, record]
+
+
 BAD = {
     "missing-answer": ('[{"input": "c", "prompt": "p"}]', ".json",
                        r'bad.json: item 0 has no "answer" string; every item needs "input" \(the context\), "prompt" '

@@ -84,18 +84,9 @@ def _load_json(path: Path) -> list[dict]:
 
 
 def _load_jsonl(path: Path) -> list[dict]:
-    from icae.data.texts import _read
+    from icae.data.texts import iter_json_lines
 
-    records = []
-    for lineno, line in enumerate(_read(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}: line {lineno} is not valid JSON ({err.msg}); fix or remove it") from None
-        records.append(_check_record(item, f"{path}: line {lineno}", path))
-    return records
+    return [_check_record(item, f"{path}: line {lineno}", path) for lineno, item in iter_json_lines(path)]
 
 
 def _load_parquet(path: Path) -> list[dict]:

@@ -380,7 +380,9 @@ def _load_json_whole(path: Path) -> list[str]:
     return [_item_text(item, f"{path}: item {i}") for i, item in enumerate(data)]
 
 
-def _iter_jsonl(path: Path) -> Iterator[str]:
+def iter_json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) for each non-blank line of a JSON-lines file, read in chunks; a bad line fails
+    with its number. Lines end at "\n" only: U+2028 and the like are legal inside a JSON string."""
     rest, lineno = "", 0
     for chunk in itertools.chain(_text_chunks(path), ["\n"]):
         *lines, rest = (rest + chunk).split("\n")
@@ -389,12 +391,16 @@ def _iter_jsonl(path: Path) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                item = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}: line {lineno} is not valid JSON ({err.msg}); fix or remove it") from None
-            if not (isinstance(item, dict) and isinstance(item.get("text"), str)):
-                raise UserError(f'{path}: line {lineno} must be an object with a "text" string, not {_describe(item)}')
-            yield item["text"]
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    for lineno, item in iter_json_lines(path):
+        if not (isinstance(item, dict) and isinstance(item.get("text"), str)):
+            raise UserError(f'{path}: line {lineno} must be an object with a "text" string, not {_describe(item)}')
+        yield item["text"]
 
 
 def _iter_parquet(path: Path) -> Iterator[str]:
