@@ -216,6 +216,26 @@ def test_layout_effect_is_welchs_interval(seed_report):
     assert len(data["layout_effects"]) == 3  # q,v and all-linear shared, q,v frozen; lora_r=16 has no default
 
 
+def test_decoder_effect_is_shared_minus_frozen_with_welchs_interval(seed_report):
+    """The seed's "fire the decoder": shared - frozen at each layout, all else equal (the fixture's frozen
+    pair: EPL q,v seeds 1-2 at 0.12 / 0.14, default q,v seed 1 only)."""
+    path, data = seed_report
+    (epl,) = [e for e in data["decoder_effects"] if e["at"] == {"layout": "epl", "lora_target_modules": QV,
+                                                                 "icae.lora_r": 32}]
+    d, df, (lo, hi) = welch_by_hand(EPL_QV["acc"], [0.12, 0.14], lambda df: t_quantile(0.975, df))
+    got = epl["difference"]["final_eval_token_accuracy"]
+    assert got["estimate"] == pytest.approx(d) and got["df"] == pytest.approx(df)
+    assert (got["low"], got["high"]) == (pytest.approx(lo), pytest.approx(hi))
+    (default,) = [e for e in data["decoder_effects"] if e["at"]["layout"] == "default"]
+    assert default["difference"]["final_eval_token_accuracy"]["estimate"] == pytest.approx(
+        sum(DEFAULT_QV["acc"]) / 3 - 0.10)
+    assert default["difference"]["final_eval_token_accuracy"].get("low") is None  # one frozen seed: no interval
+    assert len(data["decoder_effects"]) == 2  # all-linear has no frozen runs
+    table = path.with_suffix(".md").read_text()
+    assert "| at | metric | shared mean | frozen mean | shared − frozen |" in table
+    assert f"| {got['estimate']:+.3f} | [{got['low']:+.3f}, {got['high']:+.3f}] (df {got['df']:.1f}) |" in table
+
+
 def test_fewer_than_two_seeds_print_n_below_2(seed_report):
     path, data = seed_report
     frozen = next(e for e in data["layout_effects"] if e["at"]["decoder_mode"] == "frozen")

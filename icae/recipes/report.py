@@ -6,7 +6,8 @@ loss against step, token accuracy against CPU time, and per cell the mean curve 
 min-max band), OUT.md and OUT.json with the same numbers: one row per run; per cell (runs that
 differ only in their seed) n, mean, std, min and max of the last eval's AE loss, token accuracy and
 BLEU-4; for each default/epl pair the difference of means with a 95% Welch t interval over seeds,
-and how that difference changes with the LoRA targets or the decoder mode (an interaction).
+and how that difference changes with the LoRA targets or the decoder mode (an interaction); the same
+difference for each frozen/shared decoder pair.
 """
 
 from __future__ import annotations
@@ -218,22 +219,33 @@ def group_over_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
+def pair_effects(cells: list[dict], factor: str, high, low) -> list[dict]:
+    """high - low between every two cells that differ only in `factor`, with a Welch interval over seeds:
+    keys `at` (what the two share), `<high>`/`<low>` (each cell's values), `<high>_runs`/`<low>_runs`."""
+    pairs: dict[str, tuple[dict, dict]] = {}
+    for cell in cells:
+        rest = {k: v for k, v in cell["settings"].items() if k != factor}
+        pairs.setdefault(json.dumps(rest), (rest, {}))[1][cell["settings"].get(factor)] = cell
+    out = []
+    for rest, by_level in pairs.values():
+        if high in by_level and low in by_level:
+            a, b = by_level[high], by_level[low]
+            out.append({"at": rest, f"{high}_runs": a["runs"], f"{low}_runs": b["runs"], high: a["values"],
+                        low: b["values"], "difference": {m: contrast_interval([a["values"][m], b["values"][m]], [1, -1])
+                                                         for m in EFFECT_METRICS}})
+    return out
+
+
 def layout_effects(cells: list[dict]) -> list[dict]:
     """epl - default between the two cells that differ only in the layout: does EPL beat the default here,
     and by more than the seed-to-seed noise (an interval that excludes 0)?"""
-    pairs: dict[str, tuple[dict, dict]] = {}
-    for cell in cells:
-        rest = {k: v for k, v in cell["settings"].items() if k != "layout"}
-        pairs.setdefault(json.dumps(rest), (rest, {}))[1][cell["layout"]] = cell
-    out = []
-    for rest, by_layout in pairs.values():
-        if "epl" in by_layout and "default" in by_layout:
-            epl, default = by_layout["epl"], by_layout["default"]
-            out.append({"at": rest, "epl_runs": epl["runs"], "default_runs": default["runs"],
-                        "epl": epl["values"], "default": default["values"],
-                        "difference": {m: contrast_interval([epl["values"][m], default["values"][m]], [1, -1])
-                                       for m in EFFECT_METRICS}})
-    return out
+    return pair_effects(cells, "layout", "epl", "default")
+
+
+def decoder_effects(cells: list[dict]) -> list[dict]:
+    """shared - frozen between two cells that differ only in the decoder: does training the decoder (the
+    seed's "fire the decoder") help, at each layout?"""
+    return pair_effects(cells, "decoder_mode", "shared", "frozen")
 
 
 def level_order(factor: str, level) -> tuple:
@@ -271,7 +283,8 @@ def fmt(value, digits=4):
     return str(value)
 
 
-def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: list[dict]) -> str:
+def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: list[dict],
+             decoders: list[dict] = ()) -> str:
     lines = [
         "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | exact match "
         "| BLEU-4 | text tokens/s | trainable params | wall time (s) | CPU time (s) |",
@@ -291,6 +304,8 @@ def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: li
                   "steps that all the cell's seeds share."]
     if effects:
         lines += ["", *effect_table(effects)]
+    if decoders:
+        lines += ["", *effect_table(decoders, "shared", "frozen")]
     if inter:
         lines += ["", *interaction_table(inter)]
     return "\n".join(lines) + "\n"
@@ -347,17 +362,18 @@ def cell_table(cells: list[dict]) -> list[str]:
     return lines
 
 
-def effect_table(effects: list[dict]) -> list[str]:
-    lines = ["EPL vs the default layout, all else equal: the difference of means over seeds (epl − default) of the "
+def effect_table(effects: list[dict], high: str = "epl", low: str = "default") -> list[str]:
+    intro = {"epl": "EPL vs the default layout", "shared": "A trained decoder (shared, the seed's) vs a frozen one"}
+    lines = [f"{intro.get(high, high)}, all else equal: the difference of means over seeds ({high} − {low}) of the "
              "final token accuracy (higher is better) and eval AE loss (lower is better); an interval that excludes "
              "0 is a difference larger than the seed-to-seed noise.", "",
-             "| at | metric | epl mean | default mean | epl − default | 95% interval (Welch t, Welch–Satterthwaite df) |",
+             f"| at | metric | {high} mean | {low} mean | {high} − {low} | 95% interval (Welch t, Welch–Satterthwaite df) |",
              "|---|---|---|---|---|---|"]
     for e in effects:
         for metric, c in e["difference"].items():
             d = DIGITS[metric]
-            lines.append(f"| {fmt_settings(e['at'])} | {CELL_METRICS[metric]} | {fmt_mean(e['epl'][metric], d)} | "
-                         f"{fmt_mean(e['default'][metric], d)} | "
+            lines.append(f"| {fmt_settings(e['at'])} | {CELL_METRICS[metric]} | {fmt_mean(e[high][metric], d)} | "
+                         f"{fmt_mean(e[low][metric], d)} | "
                          f"{fmt_signed(c['estimate'], d)} | {fmt_interval(c, d)} |")
     return lines
 
@@ -456,11 +472,13 @@ def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
     cells = group_over_seeds(rows)
     effects = layout_effects(cells)
     inter = interactions(effects)
+    decoders = decoder_effects(cells)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, cells, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter))
-    summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "interactions": inter,
+    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter, decoders))
+    summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "decoder_effects": decoders,
+               "interactions": inter,
                "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows
