@@ -4,7 +4,6 @@ for pretraining), or a list cached as JSON (`tokenize_texts`, for small lists)."
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import sys
@@ -133,6 +132,9 @@ def _text_batches(file: str, rows, size: int = 1000):
         yield pending
 
 
+_WORKER: tuple | None = None  # (tokenizer, max_length) in a tokenizing process
+
+
 def _init_worker(tokenizer, max_length):
     global _WORKER
     _WORKER = (tokenizer, max_length)
@@ -166,13 +168,18 @@ def _tokenize_file(file: str, rows, path: Path, features, tokenizer, max_length:
                 with concurrent.futures.ProcessPoolExecutor(num_proc, initializer=_init_worker,
                                                             initargs=(tokenizer, max_length)) as pool:
                     running: collections.deque = collections.deque()
-                    for texts in itertools.chain(batches, [None] * (2 * num_proc)):
-                        if texts is not None:
-                            running.append(pool.submit(_tokenize_in_worker, texts))
-                        if running and (texts is None or len(running) >= 2 * num_proc):
-                            out = running.popleft().result()
-                            writer.write_batch(out)
-                            bar.update(len(out["num_tokens"]))
+
+                    def write_oldest():
+                        out = running.popleft().result()
+                        writer.write_batch(out)
+                        bar.update(len(out["num_tokens"]))
+
+                    for texts in batches:
+                        running.append(pool.submit(_tokenize_in_worker, texts))
+                        if len(running) >= 2 * num_proc:
+                            write_oldest()
+                    while running:
+                        write_oldest()
             writer.finalize()
         os.replace(tmp, path)
     finally:
