@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Copies what a session keeps of the grid's runs (their logs, not their weights) from runs/grid to runs/ here,
+# and redraws the interim report.  usage: bash docs/results/seed-grid/sync.sh
+cd "$(dirname "$0")/../../.."
+for run in runs/grid/*/; do
+  name=$(basename "$run"); [ -f "$run/metrics.jsonl" ] || continue
+  mkdir -p "docs/results/seed-grid/runs/$name"
+  cp "$run"/metrics.jsonl "$run"/run_config.json "docs/results/seed-grid/runs/$name/"
+  cp "$run"/FINISHED* "docs/results/seed-grid/runs/$name/" 2>/dev/null
+done
+.venv/bin/icae report docs/results/seed-grid/runs -o docs/results/seed-grid/report > /dev/null
