@@ -290,3 +290,28 @@ def test_plot_has_the_over_seeds_row(seed_report):
     with Image.open(path.with_suffix(".png")) as image:
         assert image.height > 1000  # two rows of panels: the runs, then the means over seeds with bands
     assert "min–max over seeds" in path.with_suffix(".md").read_text()
+
+
+def test_a_run_has_one_color_in_every_panel(tmp_path, monkeypatch):
+    """A run with no eval yet (training loss only) comes first: the other runs keep their colors across panels."""
+    import matplotlib.pyplot as plt
+
+    from icae.recipes import report
+
+    make_run(tmp_path / "runs" / "a-early", [{"step": 10, "cpu_seconds": 5.0, "loss": 6.0}], layout="default")
+    make_run(tmp_path / "runs" / "b-run", RECORDS)
+    make_run(tmp_path / "runs" / "c-run", RECORDS, layout="default", seed=2)
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    assert main([str(tmp_path / "runs"), "-o", str(tmp_path / "report")]) == 0
+    colors: dict[str, set] = {}
+    for ax in figures[0].axes:
+        for line in ax.get_lines():
+            if line.get_label() not in ("a-early", "b-run", "c-run"):  # the means over seeds (second row)
+                continue
+            colors.setdefault(line.get_label(), set()).add(line.get_color() if isinstance(line.get_color(), str)
+                                                           else tuple(line.get_color()))
+    assert set(colors) == {"a-early", "b-run", "c-run"}
+    assert all(len(c) == 1 for c in colors.values()), colors
+    assert len({next(iter(c)) for c in colors.values()}) == 3
+    assert report.run_colors([{"run": "x"}, {"run": "y"}])["y"] != report.run_colors([{"run": "x"}])["x"]

@@ -405,6 +405,15 @@ def cell_label(cell: dict) -> str:
     return " · ".join(parts + [f"{k}={v}" for k, v in cell["other"].items()]) + f" (n={len(cell['runs'])})"
 
 
+def run_colors(rows: list[dict]) -> dict:
+    """Run name -> a color of matplotlib's cycle (tab20 beyond ten runs), in the order of the rows."""
+    import matplotlib
+
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
 def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
     """Top row: every run's curves. Bottom row (when some cell has several seeds): per cell the mean over
     seeds with a shaded min–max band, at the eval steps all its seeds share."""
@@ -418,21 +427,23 @@ def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
     ncols, nrows = 3 if with_accuracy else 2, 2 if replicated else 1
     fig, axes = plt.subplots(nrows, ncols, figsize=(19 if with_accuracy else 13, 4.8 * nrows), squeeze=False)
     ax_eval, ax_train = axes[0][0], axes[0][1]
+    colors = run_colors(rows)  # one color per run in every panel, whichever curves a run has
     for r in rows:
         style = "-" if r["layout"] == "epl" else "--"
         if r["eval_curve"]:
             steps, losses = zip(*r["eval_curve"])
-            ax_eval.plot(steps, losses, style, marker="o", markersize=3, label=r["run"])
+            ax_eval.plot(steps, losses, style, marker="o", markersize=3, label=r["run"], color=colors[r["run"]])
         if r["train_curve"]:
             steps, losses = zip(*r["train_curve"])
-            ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8)
+            ax_train.plot(steps, losses, style, label=r["run"], alpha=0.8, color=colors[r["run"]])
     if with_accuracy:
         ax_acc = axes[0][2]
         for r in rows:
             if r.get("accuracy_curve"):
                 _, cpu, acc = zip(*r["accuracy_curve"])
                 ax_acc.plot([c / 3600 if c is not None else None for c in cpu], acc,
-                            "-" if r["layout"] == "epl" else "--", marker="o", markersize=3, label=r["run"])
+                            "-" if r["layout"] == "epl" else "--", marker="o", markersize=3, label=r["run"],
+                            color=colors[r["run"]])
         ax_acc.set(title="held-out reconstruction token accuracy (greedy)", xlabel="CPU hours", ylabel="token accuracy",
                    ylim=(0, 1))
         ax_acc.grid(alpha=0.3)
@@ -442,6 +453,7 @@ def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
     for ax in (ax_eval, ax_train):
         ax.grid(alpha=0.3)
     ax_eval.legend(fontsize=7)
+    ax_train.legend(fontsize=7)
     if replicated:
         panels = [(axes[1][0], "eval_loss_curve", "eval AE loss", None)]
         if with_accuracy:
