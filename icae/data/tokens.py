@@ -78,24 +78,21 @@ def tokenize_table(table, tokenizer, max_length: int | None = None, num_proc: in
     path = cache_file(table, fingerprint)
     features = Features({"input_ids": Sequence(Value("int32")), "num_tokens": Value("int32")})
     source = texts_file(table)
-    if source is not None:
-        if path is None:  # caching disabled: datasets' temporary folder, removed at exit
-            from datasets.fingerprint import get_temporary_cache_files_directory
+    if source is not None and path is None:  # caching disabled: datasets' temporary folder, removed at exit
+        from datasets.fingerprint import get_temporary_cache_files_directory
 
-            path = Path(get_temporary_cache_files_directory()) / f"tokens-{fingerprint}.arrow"
-        cached = path.is_file()
-        if verbose:
-            print(f"{desc}: {len(table):,} texts, {'from the cache' if cached else 'tokenizing'}", file=sys.stderr,
-                  flush=True)
+        path = Path(get_temporary_cache_files_directory()) / f"tokens-{fingerprint}.arrow"
+    cached = path.is_file() if source is not None else _is_cached(path, num_proc)
+    if verbose:
+        print(f"{desc}: {len(table):,} texts, {'from the cache' if cached else 'tokenizing'}", file=sys.stderr,
+              flush=True)
+    if source is not None:
         if not cached:
             _tokenize_file(*source, path, features, tokenizer, max_length, num_proc, desc)
         from datasets import Dataset
         from datasets.table import MemoryMappedTable
 
         return Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=fingerprint)
-    if verbose:
-        how = "from the cache" if _is_cached(path, num_proc) else "tokenizing"
-        print(f"{desc}: {len(table):,} texts, {how}", file=sys.stderr, flush=True)
     return table.map(
         _tokenize_batch, batched=True, batch_size=1000, input_columns="text", remove_columns=table.column_names,
         fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, num_proc=num_proc, features=features,
