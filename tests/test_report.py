@@ -44,6 +44,19 @@ def test_summary_has_accuracy_against_cpu_time(tmp_path):
     assert row["cpu_seconds"] == 191.0 and row["final_eval_ae_loss"] == 2.0
 
 
+def test_wall_time_and_tokens_add_up_over_the_processes_of_a_resumed_run(tmp_path):
+    """Each process logs its own train_runtime and restarts its text_tokens counter (a stop at step 20, the
+    resumed process to 40, then a resume that had nothing left to train)."""
+    records = [{"step": 10, "cpu_seconds": 5.0, "text_tokens": 300}, {"step": 20, "cpu_seconds": 9.0, "text_tokens": 600},
+               {"step": 20, "cpu_seconds": 9.5, "train_runtime": 60.0},
+               {"step": 30, "cpu_seconds": 4.0, "text_tokens": 300}, {"step": 40, "cpu_seconds": 8.0, "text_tokens": 600},
+               {"step": 40, "cpu_seconds": 8.5, "train_runtime": 40.0},
+               {"step": 40, "cpu_seconds": 1.0, "train_runtime": 0.01}]
+    row = summarize(make_run(tmp_path / "a", records))
+    assert row["wall_time_s"] == pytest.approx(100.0, abs=0.1) and row["steps"] == 40
+    assert row["text_tokens_per_second"] == pytest.approx(1200 / 100.01, abs=0.1)
+
+
 def test_report_writes_png_table_and_json(tmp_path, capsys):
     make_run(tmp_path / "runs" / "a", RECORDS)
     make_run(tmp_path / "runs" / "b", RECORDS[:2], layout="default")
@@ -315,3 +328,47 @@ def test_a_run_has_one_color_in_every_panel(tmp_path, monkeypatch):
     assert all(len(c) == 1 for c in colors.values()), colors
     assert len({next(iter(c)) for c in colors.values()}) == 3
     assert report.run_colors([{"run": "x"}, {"run": "y"}])["y"] != report.run_colors([{"run": "x"}])["x"]
+
+
+def test_verdicts_answer_the_seeds_questions(seed_report):
+    path, data = seed_report
+    said = {v.split("?")[0]: v for v in data["verdicts"]}
+    qv, all_linear = "LoRA=q,v (default), decoder=shared, icae.lora_r=32", "LoRA=all-linear, decoder=shared, icae.lora_r=32"
+    # EPL q,v beats default q,v in token accuracy beyond the noise (test_layout_effect_is_welchs_interval)
+    assert said[f"Does EPL beat the default layout ({qv})"].split("? ")[1].startswith("Yes, by more than the seed")
+    # all-linear: one default seed has token accuracy (no interval); the AE loss is 0.65 vs 1.05 over 2 seeds each
+    lo, hi = welch_by_hand(EPL_ALL["loss"], DEFAULT_ALL["loss"], lambda df: t_quantile(0.975, df))[2]
+    assert hi < 0
+    assert "? Token accuracy has no interval yet; the AE loss says yes" in said[f"Does EPL beat the default layout ({all_linear})"]
+    assert "? Not answerable yet" in said["Does EPL beat the default layout (LoRA=q,v (default), decoder=frozen, icae.lora_r=32)"]
+    assert said["Does training the decoder help EPL (LoRA=q,v (default), icae.lora_r=32)"].split("? ")[1].startswith("Yes")
+    assert "Does all-linear LoRA help EPL more than the default layout (decoder=shared, icae.lora_r=32)" in said
+    assert not any(v.startswith("Interim") for v in data["verdicts"])  # every run's last eval is at step 60
+    table = path.with_suffix(".md").read_text()
+    assert table.startswith("Verdicts") and all(f"- {v}" in table for v in data["verdicts"])
+
+
+def test_verdict_sees_no_difference_and_the_opposite():
+    from icae.recipes.report import contrast_interval, verdict
+
+    def contrast(acc_a, acc_b, loss_a, loss_b):
+        return {"final_eval_token_accuracy": contrast_interval([acc_a, acc_b], [1, -1]),
+                "final_eval_ae_loss": contrast_interval([loss_a, loss_b], [1, -1])}
+
+    a, b = [0.10, 0.30, 0.22], [0.20, 0.25, 0.15]
+    lo, hi = welch_by_hand(a, b, lambda df: t_quantile(0.975, df))[2]
+    assert lo < 0 < hi
+    said = verdict("Q", contrast(a, b, [1.0, 1.2, 1.1], [1.1, 1.0, 1.2]), "a − b")
+    assert said.startswith("Q? No detectable difference in token accuracy at this budget, nor in AE loss (a − b: ")
+    said = verdict("Q", contrast([0.1, 0.12, 0.11], [0.5, 0.52, 0.55], [2.0, 2.1, 2.2], [1.0, 1.1, 1.2]), "a − b")
+    assert said.startswith("Q? No, the opposite, by more than the seed-to-seed noise (")
+    said = verdict("Q", contrast(a, b, [1.0, 1.1, 1.05], [2.0, 2.1, 2.2]), "a − b")  # loss lower for a: it says yes
+    assert said.startswith("Q? No detectable difference in token accuracy at this budget; the AE loss says yes")
+
+
+def test_verdicts_warn_when_runs_end_at_different_steps():
+    from icae.recipes.report import verdicts
+
+    warned = verdicts([{"final_eval_steps": [1000, None]}, {"final_eval_steps": [1200]}], [], [], [])
+    assert len(warned) == 1 and warned[0].startswith("Interim: the runs' last evals are at different steps (1,000–1,200)")
+    assert verdicts([{"final_eval_steps": [1000]}, {"final_eval_steps": [1000, 1000]}], [], [], []) == []

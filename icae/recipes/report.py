@@ -45,19 +45,24 @@ def find_runs(paths: list[str]) -> list[Path]:
     return runs
 
 
-def cumulative_cpu_seconds(records: list[dict]) -> list[float | None]:
-    """CPU seconds since the run began: `cpu_seconds` restarts at 0 in each process of a resumed run."""
+def cumulative(records: list[dict], key: str) -> list[float | None]:
+    """`key` since the run began, for counters (`cpu_seconds`, `text_tokens`) that restart at 0 in each process
+    of a resumed run."""
     out, offset, last = [], 0.0, 0.0
     for r in records:
-        cpu = r.get("cpu_seconds")
-        if cpu is None:
+        value = r.get(key)
+        if value is None:
             out.append(None)
             continue
-        if cpu < last:  # a new process (resume): continue from where the last one stopped
+        if value < last:  # a new process (resume): continue from where the last one stopped
             offset += last
-        last = cpu
-        out.append(round(offset + cpu, 1))
+        last = value
+        out.append(round(offset + value, 1))
     return out
+
+
+def cumulative_cpu_seconds(records: list[dict]) -> list[float | None]:
+    return cumulative(records, "cpu_seconds")
 
 
 def summarize(run: Path) -> dict:
@@ -71,8 +76,8 @@ def summarize(run: Path) -> dict:
     evals = sorted({r["step"]: r["eval_loss"] for r in records if r.get("eval_loss") is not None}.items())
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     final = next((r for r in reversed(records) if "train_runtime" in r), {})
-    tokens = max((r.get("text_tokens", 0) for r in records), default=0)
-    runtime = final.get("train_runtime")
+    tokens = max((t for t in cumulative(records, "text_tokens") if t is not None), default=0)
+    runtime = sum(r["train_runtime"] for r in records if "train_runtime" in r) or None  # every process's training
     bleu = None
     if (run / "eval_results.json").is_file():
         bleu = json.loads((run / "eval_results.json").read_text()).get("bleu4")
@@ -273,6 +278,66 @@ def interactions(effects: list[dict]) -> list[dict]:
     return out
 
 
+def direction(c: dict, higher_is_better: bool) -> int | None:
+    """+1 / -1 where the interval lies wholly on the better / worse side of 0, 0 where it holds 0, None where
+    there is no interval (fewer than 2 seeds in a group)."""
+    if c["low"] is None:
+        return None
+    side = 1 if c["low"] > 0 else -1 if c["high"] < 0 else 0
+    return side if higher_is_better else -side
+
+
+def fmt_contrast(c: dict, digits: int) -> str:
+    if c["estimate"] is None:
+        return "no values"
+    interval = f" [{c['low']:+.{digits}f}, {c['high']:+.{digits}f}]" if c["low"] is not None else f" ({c['note']})"
+    return f"{c['estimate']:+.{digits}f}{interval}"
+
+
+def verdict(question: str, contrast: dict, what: str) -> str:
+    """One plain sentence: the answer by token accuracy (the reconstruction a reader sees), the AE loss beside it;
+    "no detectable difference" where the 95% interval holds 0."""
+    acc, loss = contrast["final_eval_token_accuracy"], contrast["final_eval_ae_loss"]
+    by_acc, by_loss = direction(acc, True), direction(loss, False)
+    numbers = (f"{what}: token accuracy {fmt_contrast(acc, 3)}, AE loss {fmt_contrast(loss, 4)}, n = "
+               f"{'/'.join(map(str, acc['n'] if acc['estimate'] is not None else loss['n']))} seeds")
+    if by_acc is None and by_loss is None:
+        return f"{question}? Not answerable yet (fewer than 2 seeds with values in a group; {numbers})."
+    loss_says = {1: "the AE loss says yes, by more than the noise", -1: "the AE loss says no, the opposite, by more "
+                 "than the noise", 0: "the AE loss shows no detectable difference", None: ""}[by_loss]
+    if by_acc:
+        answer = ("Yes" if by_acc > 0 else "No, the opposite") + ", by more than the seed-to-seed noise"
+        answer += f"; but {loss_says}" if by_loss is not None and by_loss != by_acc else ""
+    elif by_acc == 0:
+        answer = "No detectable difference in token accuracy at this budget"
+        answer += {0: ", nor in AE loss", None: ""}.get(by_loss, f"; {loss_says}")
+    else:
+        answer = f"Token accuracy has no interval yet; {loss_says}"
+    return f"{question}? {answer} ({numbers})."
+
+
+def verdicts(cells: list[dict], effects: list[dict], inter: list[dict], decoders: list[dict]) -> list[str]:
+    """The seed's three questions, one sentence per place they can be asked (95% Welch intervals over seeds)."""
+    out = []
+    for e in effects:
+        out.append(verdict(f"Does EPL beat the default layout ({fmt_settings(e['at'])})", e["difference"],
+                           "epl − default"))
+    for i in inter:
+        if i["factor"] == "lora_target_modules" and i["levels"] == ["all-linear", "q,v (default)"]:
+            out.append(verdict(f"Does all-linear LoRA help EPL more than the default layout ({fmt_settings(i['at'])})",
+                               i["difference"], "(epl − default | all-linear) − (epl − default | q,v)"))
+    for e in decoders:
+        layout = e["at"].get("layout")
+        rest = {k: v for k, v in e["at"].items() if k != "layout"}
+        out.append(verdict(f"Does training the decoder help {'EPL' if layout == 'epl' else f'the {layout} layout'} "
+                           f"({fmt_settings(rest)})", e["difference"], "shared − frozen"))
+    steps = sorted({s for c in cells for s in c["final_eval_steps"] if s is not None})
+    if len(steps) > 1:
+        out.insert(0, f"Interim: the runs' last evals are at different steps ({steps[0]:,}–{steps[-1]:,}); each "
+                      "run counts with its last eval, so these are not yet the comparison at one budget.")
+    return out
+
+
 def fmt(value, digits=4):
     if value is None:
         return "–"
@@ -284,8 +349,9 @@ def fmt(value, digits=4):
 
 
 def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: list[dict],
-             decoders: list[dict] = ()) -> str:
-    lines = [
+             decoders: list[dict] = (), answers: list[str] = ()) -> str:
+    lines = [*(["Verdicts (95% Welch intervals over seeds; an interval that holds 0 is no detectable difference):",
+                "", *[f"- {a}" for a in answers], ""] if answers else []),
         "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | exact match "
         "| BLEU-4 | text tokens/s | trainable params | wall time (s) | CPU time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -488,9 +554,10 @@ def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, cells, out.with_suffix(".png"))
-    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter, decoders))
+    answers = verdicts(cells, effects, inter, decoders)
+    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter, decoders, answers))
     summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "decoder_effects": decoders,
-               "interactions": inter,
+               "interactions": inter, "verdicts": answers,
                "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows

@@ -5,6 +5,10 @@
 # every run of the grid is taken to 1,000 steps, then from checkpoint-1000 to 2,000 (STEPS=2000), the same way.
 cd "$(dirname "$0")/../../.."
 grid=$1; run=$2; seed=${run##*seed}; steps=${STEPS:-1000}; out=runs/grid/$run
+last_ckpt=$(ls -d "$out"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | tail -1)
+if [ -n "$last_ckpt" ] && [ "$last_ckpt" -ge "$steps" ]; then  # a later stage already passed this one
+  echo "$run: checkpoint-$last_ckpt is past $steps steps; nothing to do"; exit 0
+fi
 if [ -f "$out/FINISHED" ]; then  # finished with fewer steps: let icae ablate continue it (the old marker is kept)
   done_steps=$(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1]))['command']; print(c[c.index('--max_steps')+1])" "$out/FINISHED")
   if [ "$done_steps" -lt "$steps" ]; then mv "$out/FINISHED" "$out/FINISHED-$done_steps"; fi
