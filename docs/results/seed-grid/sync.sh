@@ -9,3 +9,4 @@ for run in runs/grid/*/; do
   cp "$run"/FINISHED* "docs/results/seed-grid/runs/$name/" 2>/dev/null
 done
 .venv/bin/icae report docs/results/seed-grid/runs -o docs/results/seed-grid/report > /dev/null
+.venv/bin/python docs/results/seed-grid/progress.py > docs/results/seed-grid/progress.md

@@ -1,0 +1,52 @@
+"""Where the seed grid stands: one row per planned run from its committed log (runs/NAME/metrics.jsonl here).
+
+usage: python docs/results/seed-grid/progress.py > docs/results/seed-grid/progress.md   (sync.sh does this)
+"""
+
+import sys
+from pathlib import Path
+
+from icae.recipes.report import cumulative_cpu_seconds, read_metrics
+
+HERE = Path(__file__).parent
+BUDGET = 2000
+MILESTONES = (500, 1000, 1500, 2000)
+PLANNED = [f"{layout}-{lora}-seed{seed}" for seed in (1, 2, 3) for lora in ("qv", "all-linear")
+           for layout in ("default", "epl")] + [f"{layout}-all-linear-frozen-seed{seed}" for seed in (1, 2)
+                                                for layout in ("default", "epl")]
+
+
+def row(name: str) -> tuple[str, int, float]:
+    path = HERE / "runs" / name
+    if not (path / "metrics.jsonl").is_file():
+        return f"| {name} | 0 | – | " + " | ".join("–" for _ in MILESTONES) + " | 0.0 |", 0, 0.0
+    records = read_metrics(path)
+    steps = max((r.get("step", 0) for r in records), default=0)
+    cpu_h = max((c for c in cumulative_cpu_seconds(records) if c is not None), default=0.0) / 3600
+    evals = {r["step"]: r for r in records if r.get("eval_token_accuracy") is not None}
+
+    def show(r):
+        return f"{r['eval_loss']:.2f} / {r['eval_token_accuracy']:.2f}" if r else "–"
+
+    last = evals[max(evals)] if evals else None
+    cells = [f"{max(evals):,}: {show(last)}, BLEU {last['eval_bleu']:.1f}" if last else "–"]
+    cells += [show(evals.get(m)) for m in MILESTONES]
+    return f"| {name} | {steps:,} | {' | '.join(cells)} | {cpu_h:.1f} |", steps, cpu_h
+
+
+def main() -> None:
+    rows = [row(name) for name in PLANNED]
+    done = sum(min(steps, BUDGET) for _, steps, _ in rows)
+    cpu = sum(c for *_, c in rows)
+    print(f"# Seed grid progress: {done:,} of {len(PLANNED) * BUDGET:,} steps ({done / len(PLANNED) / BUDGET:.0%}), "
+          f"{cpu:.1f} CPU hours so far\n")
+    print("Eval AE loss / held-out token accuracy (greedy reconstruction of 64 texts). Written by `progress.py` "
+          "from the logs in `runs/`.\n")
+    print("| run | steps | last eval | " + " | ".join(f"{m:,}" for m in MILESTONES) + " | CPU hours |")
+    print("|---|---:|---|" + "---|" * len(MILESTONES) + "---:|")
+    for line, *_ in rows:
+        print(line)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
