@@ -346,6 +346,10 @@ def test_verdicts_answer_the_seeds_questions(seed_report):
     assert not any(v.startswith("Interim") for v in data["verdicts"])  # every run's last eval is at step 60
     table = path.with_suffix(".md").read_text()
     assert table.startswith("Verdicts") and all(f"- {v}" in table for v in data["verdicts"])
+    answered = [v for v in data["verdicts"] if "? Not answerable yet" not in v]
+    assert len(answered) == 4  # layout at q,v and all-linear (AE loss), the interaction (AE loss), decoder at EPL
+    assert f"at least one of these 4 answers would still say yes or the opposite with probability about {1 - 0.95**4:.0%}" \
+        in table.splitlines()[0]
 
 
 def test_verdict_sees_no_difference_and_the_opposite():

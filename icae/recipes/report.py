@@ -350,7 +350,10 @@ def fmt(value, digits=4):
 
 def markdown(rows: list[dict], cells: list[dict], effects: list[dict], inter: list[dict],
              decoders: list[dict] = (), answers: list[str] = ()) -> str:
-    lines = [*(["Verdicts (95% Welch intervals over seeds; an interval that holds 0 is no detectable difference):",
+    asked = sum(not a.startswith("Interim") and "? Not answerable yet" not in a for a in answers)
+    alone = (f"; each stands alone: were there no real effect anywhere, at least one of these {asked} answers would "
+             f"still say yes or the opposite with probability about {1 - 0.95 ** asked:.0%}") if asked > 1 else ""
+    lines = [*([f"Verdicts (95% Welch intervals over seeds; an interval that holds 0 is no detectable difference{alone}):",
                 "", *[f"- {a}" for a in answers], ""] if answers else []),
         "| run | layout | LoRA targets | decoder | seed | steps | final eval AE loss | token accuracy | exact match "
         "| BLEU-4 | text tokens/s | trainable params | wall time (s) | CPU time (s) |",
