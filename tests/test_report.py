@@ -376,3 +376,19 @@ def test_verdicts_warn_when_runs_end_at_different_steps():
     warned = verdicts([{"final_eval_steps": [1000, None]}, {"final_eval_steps": [1200]}], [], [], [])
     assert len(warned) == 1 and warned[0].startswith("Interim: the runs' last evals are at different steps (1,000–1,200)")
     assert verdicts([{"final_eval_steps": [1000]}, {"final_eval_steps": [1000, 1000]}], [], [], []) == []
+
+
+def test_at_step_compares_the_runs_as_they_stood_then(seed_report, tmp_path):
+    root = seed_report[0].parent
+    assert main([str(root / "runs"), "-o", str(tmp_path / "at40"), "--at_step", "40"]) == 0
+    data = json.loads((tmp_path / "at40.json").read_text())
+    rows = {r["run"]: r for r in data["runs"]}
+    for seed, acc in enumerate(DEFAULT_QV["acc"], 1):  # the fixture's evals: accuracy grows as acc * step / 60
+        row = rows[f"default-qv-shared-r32-seed{seed}"]
+        assert row["final_eval_step"] == 40 and row["final_eval_token_accuracy"] == pytest.approx(acc * 40 / 60)
+        assert row["cpu_seconds"] == pytest.approx(405.0) and row["steps"] == 40
+    assert rows["epl-qv-shared-r32-seed3"]["final_eval_step"] == 30  # evaluated at 20, 30, 60: 30 is its last by 40
+    assert data["at_step"] == 40 and data["verdicts"][0].startswith("Interim: the runs' last evals are at different steps")
+    assert (tmp_path / "at40.md").read_text().startswith("Every run as it stood at step 40 (its log up to there).\n\n")
+    with pytest.raises(UserError, match="--at_step 0"):
+        main([str(root / "runs"), "-o", str(tmp_path / "at0"), "--at_step", "0"])

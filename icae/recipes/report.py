@@ -65,9 +65,12 @@ def cumulative_cpu_seconds(records: list[dict]) -> list[float | None]:
     return cumulative(records, "cpu_seconds")
 
 
-def summarize(run: Path) -> dict:
-    """The numbers the table shows for one run."""
+def summarize(run: Path, at_step: int | None = None) -> dict:
+    """The numbers the table shows for one run; with `at_step`, the run as it stood at that step (its log up to
+    there: the eval at that step is its final one, CPU time is what it took to get there)."""
     records = read_metrics(run)
+    if at_step is not None:
+        records = [r for r in records if r.get("step", 0) <= at_step]
     cpu = cumulative_cpu_seconds(records)
     accuracy = sorted({r["step"]: (c, r["eval_token_accuracy"], r.get("eval_bleu"), r.get("eval_exact_match"))
                        for r, c in zip(records, cpu) if r.get("eval_token_accuracy") is not None}.items())
@@ -79,7 +82,7 @@ def summarize(run: Path) -> dict:
     tokens = max((t for t in cumulative(records, "text_tokens") if t is not None), default=0)
     runtime = sum(r["train_runtime"] for r in records if "train_runtime" in r) or None  # every process's training
     bleu = None
-    if (run / "eval_results.json").is_file():
+    if (run / "eval_results.json").is_file() and at_step is None:  # icae eval of the final checkpoint
         bleu = json.loads((run / "eval_results.json").read_text()).get("bleu4")
     return {
         "run": run.name,
@@ -548,8 +551,10 @@ def plot(rows: list[dict], cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
-    rows = [summarize(run) for run in find_runs(run_dirs)]
+def write_report(run_dirs: list[str], out: str | Path, at_step: int | None = None) -> list[dict]:
+    if at_step is not None and at_step < 1:
+        raise UserError(f"--at_step {at_step}: give a training step (>= 1) at which the runs were evaluated")
+    rows = [summarize(run, at_step) for run in find_runs(run_dirs)]
     cells = group_over_seeds(rows)
     effects = layout_effects(cells)
     inter = interactions(effects)
@@ -558,8 +563,9 @@ def write_report(run_dirs: list[str], out: str | Path) -> list[dict]:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, cells, out.with_suffix(".png"))
     answers = verdicts(cells, effects, inter, decoders)
-    out.with_suffix(".md").write_text(markdown(rows, cells, effects, inter, decoders, answers))
-    summary = {"runs": rows, "over_seeds": cells, "layout_effects": effects, "decoder_effects": decoders,
+    at = [f"Every run as it stood at step {at_step:,} (its log up to there).", ""] if at_step is not None else []
+    out.with_suffix(".md").write_text("".join(f"{line}\n" for line in at) + markdown(rows, cells, effects, inter, decoders, answers))
+    summary = {"at_step": at_step, "runs": rows, "over_seeds": cells, "layout_effects": effects, "decoder_effects": decoders,
                "interactions": inter, "verdicts": answers,
                "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -570,9 +576,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="icae report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders, or folders of runs")
     parser.add_argument("-o", "--output", default="report", help="output path without extension")
+    parser.add_argument("--at_step", type=int, default=None, help="compare the runs as they stood at this step "
+                        "(their evals there), e.g. a shorter budget than the runs trained for")
     args = parser.parse_args(argv)
     out = Path(args.output)
-    write_report(args.runs, out.with_suffix("") if out.suffix in (".png", ".md", ".json") else out)
+    write_report(args.runs, out.with_suffix("") if out.suffix in (".png", ".md", ".json") else out, args.at_step)
     print((out.with_suffix(".md")).read_text())
     print(f"wrote {out.with_suffix('.png')}, {out.with_suffix('.md')}, {out.with_suffix('.json')}")
     return 0

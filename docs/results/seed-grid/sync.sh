@@ -9,4 +9,5 @@ for run in runs/grid/*/; do
   cp "$run"/FINISHED* "docs/results/seed-grid/runs/$name/" 2>/dev/null
 done
 .venv/bin/icae report docs/results/seed-grid/runs -o docs/results/seed-grid/report > /dev/null
+.venv/bin/icae report docs/results/seed-grid/runs --at_step 1000 -o docs/results/seed-grid/report-at-1000 > /dev/null  # stage 1
 .venv/bin/python docs/results/seed-grid/progress.py > docs/results/seed-grid/progress.md
