@@ -564,9 +564,10 @@ def write_report(run_dirs: list[str], out: str | Path, at_step: int | None = Non
     plot(rows, cells, out.with_suffix(".png"))
     answers = verdicts(cells, effects, inter, decoders)
     at = [f"Every run as it stood at step {at_step:,} (its log up to there).", ""] if at_step is not None else []
-    out.with_suffix(".md").write_text("".join(f"{line}\n" for line in at) + markdown(rows, cells, effects, inter, decoders, answers))
-    summary = {"at_step": at_step, "runs": rows, "over_seeds": cells, "layout_effects": effects, "decoder_effects": decoders,
-               "interactions": inter, "verdicts": answers,
+    table = markdown(rows, cells, effects, inter, decoders, answers)
+    out.with_suffix(".md").write_text("".join(f"{line}\n" for line in at) + table)
+    summary = {"at_step": at_step, "runs": rows, "over_seeds": cells, "layout_effects": effects,
+               "decoder_effects": decoders, "interactions": inter, "verdicts": answers,
                "interval": "95% Welch t interval, Welch–Satterthwaite df; none where a cell has fewer than 2 seeds"}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     return rows

@@ -6,7 +6,7 @@ usage: python docs/results/seed-grid/progress.py > docs/results/seed-grid/progre
 import sys
 from pathlib import Path
 
-from icae.recipes.report import cumulative_cpu_seconds, read_metrics
+from icae.recipes.report import summarize
 
 HERE = Path(__file__).parent
 BUDGET = 2000
@@ -20,18 +20,18 @@ def row(name: str) -> tuple[str, int, float]:
     path = HERE / "runs" / name
     if not (path / "metrics.jsonl").is_file():
         return f"| {name} | 0 | – | " + " | ".join("–" for _ in MILESTONES) + " | 0.0 |", 0, 0.0
-    records = read_metrics(path)
-    steps = max((r.get("step", 0) for r in records), default=0)
-    cpu_h = max((c for c in cumulative_cpu_seconds(records) if c is not None), default=0.0) / 3600
-    evals = {r["step"]: r for r in records if r.get("eval_token_accuracy") is not None}
+    run = summarize(path)
+    losses = dict(run["eval_curve"])
+    accuracies = {step: acc for step, _, acc in run["accuracy_curve"]}
 
-    def show(r):
-        return f"{r['eval_loss']:.2f} / {r['eval_token_accuracy']:.2f}" if r else "–"
+    def show(step):
+        return f"{losses[step]:.2f} / {accuracies[step]:.2f}" if step in accuracies and step in losses else "–"
 
-    last = evals[max(evals)] if evals else None
-    cells = [f"{max(evals):,}: {show(last)}, BLEU {last['eval_bleu']:.1f}" if last else "–"]
-    cells += [show(evals.get(m)) for m in MILESTONES]
-    return f"| {name} | {steps:,} | {' | '.join(cells)} | {cpu_h:.1f} |", steps, cpu_h
+    last = run["accuracy_curve"][-1][0] if run["accuracy_curve"] else None
+    cells = [f"{last:,}: {show(last)}, BLEU {run['final_eval_bleu']:.1f}" if last else "–"]
+    cells += [show(m) for m in MILESTONES]
+    cpu_h = (run["cpu_seconds"] or 0.0) / 3600
+    return f"| {name} | {run['steps']:,} | {' | '.join(cells)} | {cpu_h:.1f} |", run["steps"], cpu_h
 
 
 def main() -> None:
