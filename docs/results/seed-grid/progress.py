@@ -34,12 +34,26 @@ def row(name: str) -> tuple[str, int, float]:
     return f"| {name} | {run['steps']:,} | {' | '.join(cells)} | {cpu_h:.1f} |", run["steps"], cpu_h
 
 
+def kind(name: str) -> str:
+    return "q,v" if "-qv-" in name else "all-linear"
+
+
+def cost_left(rows: list, names: list[str]) -> float:
+    """CPU hours still needed to take every run to BUDGET, at the CPU hours per step measured so far per LoRA kind."""
+    per_step = {}
+    for k in ("q,v", "all-linear"):
+        measured = [(steps, cpu) for name, (_, steps, cpu) in zip(names, rows) if kind(name) == k and steps >= 100]
+        per_step[k] = sum(c for _, c in measured) / max(1, sum(s for s, _ in measured))
+    return sum(max(0, BUDGET - steps) * per_step[kind(name)] for name, (_, steps, _) in zip(names, rows))
+
+
 def main() -> None:
     rows = [row(name) for name in PLANNED]
     done = sum(min(steps, BUDGET) for _, steps, _ in rows)
     cpu = sum(c for *_, c in rows)
+    left = cost_left(rows, PLANNED)
     print(f"# Seed grid progress: {done:,} of {len(PLANNED) * BUDGET:,} steps ({done / len(PLANNED) / BUDGET:.0%}), "
-          f"{cpu:.1f} CPU hours so far\n")
+          f"{cpu:.1f} CPU hours so far, ~{left:.0f} to go to {BUDGET:,} steps (~{left / 2:.0f} hours on two cores)\n")
     print("Eval AE loss / held-out token accuracy (greedy reconstruction of 64 texts). Written by `progress.py` "
           "from the logs in `runs/`.\n")
     print("| run | steps | last eval | " + " | ".join(f"{m:,}" for m in MILESTONES) + " | CPU hours |")

@@ -6,6 +6,7 @@ for run in runs/grid/*/; do
   name=$(basename "$run"); [ -f "$run/metrics.jsonl" ] || continue
   mkdir -p "docs/results/seed-grid/runs/$name"
   cp "$run"/metrics.jsonl "$run"/run_config.json "docs/results/seed-grid/runs/$name/"
+  rm -f "docs/results/seed-grid/runs/$name"/FINISHED*  # mirror the markers: a stage's FINISHED is renamed when the next starts
   cp "$run"/FINISHED* "docs/results/seed-grid/runs/$name/" 2>/dev/null
 done
 .venv/bin/icae report docs/results/seed-grid/runs -o docs/results/seed-grid/report > /dev/null
