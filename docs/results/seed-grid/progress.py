@@ -28,7 +28,9 @@ def row(name: str) -> tuple[str, int, float]:
         return f"{losses[step]:.2f} / {accuracies[step]:.2f}" if step in accuracies and step in losses else "–"
 
     last = run["accuracy_curve"][-1][0] if run["accuracy_curve"] else None
-    cells = [f"{last:,}: {show(last)}, BLEU {run['final_eval_bleu']:.1f}" if last else "–"]
+    recent = [loss for step, loss in run["train_curve"] if last and last - 100 < step <= last]
+    train = f"; training loss {sum(recent) / len(recent):.2f}" if recent else ""
+    cells = [f"{last:,}: {show(last)}, BLEU {run['final_eval_bleu']:.1f}{train}" if last else "–"]
     cells += [show(m) for m in MILESTONES]
     cpu_h = (run["cpu_seconds"] or 0.0) / 3600
     return f"| {name} | {run['steps']:,} | {' | '.join(cells)} | {cpu_h:.1f} |", run["steps"], cpu_h
@@ -54,8 +56,9 @@ def main() -> None:
     left = cost_left(rows, PLANNED)
     print(f"# Seed grid progress: {done:,} of {len(PLANNED) * BUDGET:,} steps ({done / len(PLANNED) / BUDGET:.0%}), "
           f"{cpu:.1f} CPU hours so far, ~{left:.0f} to go to {BUDGET:,} steps (~{left / 2:.0f} hours on two cores)\n")
-    print("Eval AE loss / held-out token accuracy (greedy reconstruction of 64 texts). Written by `progress.py` "
-          "from the logs in `runs/`.\n")
+    print("Eval AE loss / held-out token accuracy (greedy reconstruction of 64 texts); at the last eval also BLEU-4 "
+          "and the training loss (mean of the 100 steps before it, on training texts: its gap to the eval AE loss "
+          "is what the model knows of its training texts beyond what the slots carry; README.md). Written by `progress.py` from the logs in `runs/`.\n")
     print("| run | steps | last eval | " + " | ".join(f"{m:,}" for m in MILESTONES) + " | CPU hours |")
     print("|---|---:|---|" + "---|" * len(MILESTONES) + "---:|")
     for line, *_ in rows:
