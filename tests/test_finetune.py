@@ -251,7 +251,7 @@ def answering(tmp_path_factory):
     examples = [ft_example(tok(r["input"], add_special_tokens=False)["input_ids"], prompt_part_ids(tok, r["prompt"]),
                            answer_ids(tok, r["answer"]), tok.eos_token_id, FTExampleConfig())
                 for r in answer_records()]
-    batch = collate(examples, "epl", 8, 2, cfg.vocab_size)
+    batch = collate(examples, "epl", 8, 2, model.config.vocab_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(150):

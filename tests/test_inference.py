@@ -41,7 +41,7 @@ def train_memorised_model(layout="epl", mode="shared", steps=80, model_name_or_p
     tokenizer = byte_tokenizer()
     model = ICAE(cfg, sharp_base_model(), tokenizer)
     examples = [ae_example(ids, tokenizer.eos_token_id) for ids in token_ids(tokenizer, TEXTS)]
-    batch = collate(examples, layout, 8, 2, cfg.vocab_size)
+    batch = collate(examples, layout, 8, 2, model.config.vocab_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     model.train()
     for _ in range(steps):
@@ -132,19 +132,17 @@ def test_memorised_texts_are_reconstructed_exactly(memorised):
     assert reconstruct(memorised, memory[:1], batch_size=1) == TEXTS[:1]
 
 
-def test_epl_needs_text_lengths_and_checks_them(memorised):
+def test_only_a_memory_whose_slots_fit_its_lengths_is_read(memorised):
     memory = compress(memorised, TEXTS[:2])
-    slots = memory.slots  # the plain list of slot tensors, without the lengths
-    with pytest.raises(UserError, match="text_lengths"):
-        reconstruct(memorised, slots)
-    with pytest.raises(UserError, match="do not belong"):
-        reconstruct(memorised, slots, text_lengths=[40, 15])
+    slots = memory.slots  # a plain list of slot tensors: not a Memory, refused
+    for use in (reconstruct, generate, generate_ids):
+        with pytest.raises(UserError, match="expected the Memory that compress returns"):
+            use(memorised, slots)
     with pytest.raises(UserError, match="do not belong"):
         reconstruct(memorised, Memory(slots, [40, 15], memory.config))
+    hidden = memorised.config.hidden_size
     with pytest.raises(UserError, match="shape"):
-        reconstruct(memorised, [torch.zeros(5, 64)], text_lengths=[4])
-    with pytest.raises(UserError, match="own text lengths"):
-        reconstruct(memorised, memory, text_lengths=memory.text_lengths)
+        reconstruct(memorised, Memory([torch.zeros(8, hidden + 1)], [4], memory.config))
 
 
 def test_save_load_gives_identical_slots(memorised, tmp_path):
@@ -212,16 +210,6 @@ def test_memory_indexes_like_a_list_of_texts():
         Memory(memory.slots, [3, 8], memory.config)
 
 
-def test_the_two_list_form_still_works():
-    """Callers written before Memory: `return_lengths=True`, and a list of slots plus text_lengths."""
-    model = random_model("epl", "shared")
-    memory = compress(model, GEN_TEXTS)
-    slots, lengths = compress(model, GEN_TEXTS, return_lengths=True)
-    assert lengths == memory.text_lengths and all(a.equal(b) for a, b in zip(slots, memory.slots))
-    assert reconstruct(model, slots, lengths) == reconstruct(model, memory)
-    assert generate(model, slots, text_lengths=lengths, max_new_tokens=5) == generate(model, memory, max_new_tokens=5)
-
-
 # ----------------------------------------------------------------------------- decoding equivalences
 
 
@@ -241,7 +229,7 @@ def test_cache_and_batch_equivalence(layout, mode):
         assert distinct_tokens(cached) > 10, "degenerate outputs would make this test vacuous"
         assert generate_ids(model, memory, use_cache=False, **kwargs) == cached
         alone = [
-            generate_ids(model, one, None, task, None if prompt_ids is None else [prompt_ids[i]], 10, use_cache=False)[0]
+            generate_ids(model, one, task, None if prompt_ids is None else [prompt_ids[i]], 10, use_cache=False)[0]
             for i, one in enumerate(memory)
         ]
         assert alone == cached, task
@@ -290,15 +278,6 @@ def test_generate_text_api_and_sampling():
         generate(model, memory, prompt=["a", "b"])
     with pytest.raises(UserError, match="temperature"):
         generate(model, memory, do_sample=True, temperature=0.0)
-
-
-def test_default_layout_needs_no_lengths():
-    model = random_model("default", "shared")
-    memory = compress(model, GEN_TEXTS)
-    slots = memory.slots  # a plain list of slot tensors, no lengths
-    assert generate_ids(model, slots, max_new_tokens=5) == generate_ids(model, memory, max_new_tokens=5)
-    texts = reconstruct(model, slots)  # up to all the slots can hold (n * m * r + 1 tokens) when the length is unknown
-    assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
 
 
 # ----------------------------------------------------------------------------- CLI

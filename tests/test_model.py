@@ -242,3 +242,17 @@ def test_memory_embeddings_start_on_the_base_models_device_with_the_same_values(
     torch.manual_seed(0)
     again = ICAE(cfg, tiny_base_model())
     assert torch.equal(on_cpu.memory_embeddings.weight, again.memory_embeddings.weight)
+
+
+def test_init_leaves_the_callers_config_alone_and_records_the_token_ids(tmp_path):
+    """ICAE fills in vocab_size / hidden_size on its own copy; the saved ids past the vocabulary
+    are memory tokens V..V+m-1, then [AE], [LM], [FT] (written out here, not taken from collate)."""
+    cfg = ICAEConfig(fixed_mem_size=M, mean_compression_rate=R, lora_r=4)
+    before = cfg.to_dict()
+    model = ICAE(cfg, tiny_base_model("llama"))
+    assert cfg.to_dict() == before and cfg.vocab_size is None
+    assert model.config is not cfg and model.config.vocab_size == V
+    model.save_pretrained(tmp_path)
+    _, saved = ICAEConfig.load(tmp_path)
+    assert saved["special_tokens"] == {"memory_token_ids": [V, V + M - 1], "ae_token_id": V + M,
+                                       "lm_token_id": V + M + 1, "ft_token_id": V + M + 2}

@@ -21,11 +21,19 @@ import torch
 from icae.core.positions import decoder_positions, encoder_positions, segment_spans
 
 SPECIAL_INDEX = {"ae": 0, "lm": 1, "ft": 2}  # row m + k of the memory embedding table
+NUM_SPECIAL = len(SPECIAL_INDEX)
 IGNORE = -100
 
 
 def special_token_id(task: str, vocab_size: int, mem_size: int) -> int:
     return vocab_size + mem_size + SPECIAL_INDEX[task]
+
+
+def token_id_layout(vocab_size: int, mem_size: int) -> dict:
+    """The ids past the vocabulary, as a checkpoint's icae_config.json records them: memory tokens
+    vocab_size .. vocab_size+m-1, then [AE], [LM], [FT]; the model's memory table has m + NUM_SPECIAL rows."""
+    return {"memory_token_ids": [vocab_size, vocab_size + mem_size - 1],
+            **{f"{task}_token_id": special_token_id(task, vocab_size, mem_size) for task in SPECIAL_INDEX}}
 
 
 def _pad(rows: list[list[int]], value: int) -> torch.Tensor:

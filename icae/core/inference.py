@@ -3,8 +3,7 @@
 `compress` returns a `Memory` (icae.core.memory): one (n_segments * m, hidden) tensor of slots per
 text, and each text's token count L, which the decoder's position ids depend on under the `epl`
 layouts (the slots sit at the centres of their spans; an [LM]/[FT] token at L). `reconstruct`,
-`generate` and `generate_ids` take that Memory; they also still take a plain list of slot tensors
-with `text_lengths` (needed only under `epl`). The functions take the model as their first
+`generate` and `generate_ids` take that Memory (one type in and out). The functions take the model as their first
 argument and never import it: `ICAE.compress/reconstruct/generate` call them.
 
 An [FT] prompt is formatted as fine-tuning formats it (icae.core.qa_examples: the tokenizer's chat
@@ -72,12 +71,11 @@ def _batches(items: list, size: int):
 # ----------------------------------------------------------------------------- compress
 
 
-def compress(model, texts, batch_size: int = 8, return_lengths: bool = False) -> Memory:
+def compress(model, texts, batch_size: int = 8) -> Memory:
     """The Memory of the texts: per text, (n_segments * m, hidden) slots on the model's device and its length.
 
     `texts` are strings or token id lists (one string is taken as a list of one). Texts longer than
-    m * rate tokens are split into segments (multi-span). `return_lengths=True` returns the older
-    form `(slots, text_lengths)` instead, for callers written before Memory.
+    m * rate tokens are split into segments (multi-span).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -97,51 +95,32 @@ def compress(model, texts, batch_size: int = 8, return_lengths: bool = False) ->
             out = model.encode(**{k: v.to(model.device) for k, v in batch.items()})
             slots += [s.flatten(0, 1) for s in out.split(num_segments)]
     lengths = [len(row) for row in ids]
-    memory = Memory(slots, lengths, c.to_dict())
-    return (memory.slots, memory.text_lengths) if return_lengths else memory
+    return Memory(slots, lengths, c.to_dict())
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
-def _unpack(model, memory, text_lengths) -> tuple[list[torch.Tensor], list[int] | None]:
-    """(slots, text lengths) of a Memory, checked against the model, or of a list of slot tensors."""
+def _check_memory(model, memory: Memory) -> None:
+    """A Memory this model can read: its config fits, and each text's slots match its length."""
     if not isinstance(memory, Memory):
-        return list(memory), text_lengths
-    if text_lengths is not None:
-        raise UserError("a Memory carries its own text lengths: pass the Memory without text_lengths")
+        raise UserError(f"expected the Memory that compress returns (or Memory.load(FILE)), got "
+                        f"{type(memory).__name__}")
     memory.check_fits(model.config)
-    return memory.slots, memory.text_lengths
-
-
-def _resolve_lengths(model, memory: list[torch.Tensor], text_lengths) -> list[int]:
-    """Each text's token count, checked against its number of slots."""
     c = model.config
     m, r = c.fixed_mem_size, c.mean_compression_rate
-    for i, slots in enumerate(memory):
-        if slots.dim() != 2 or slots.shape[0] % m or slots.shape[0] == 0 or slots.shape[1] != c.hidden_size:
+    for i, (slots, n) in enumerate(zip(memory.slots, memory.text_lengths)):
+        if slots.dim() != 2 or slots.shape[1] != c.hidden_size:
             raise UserError(
                 f"memory {i} has shape {tuple(slots.shape)}; this model's slots are (n_segments * {m}, "
                 f"{c.hidden_size}): compress with the same checkpoint"
             )
-    if text_lengths is None:
-        if c.position_layout != "default":
-            raise UserError(
-                f"the {c.position_layout} layout needs each compressed text's token count: pass text_lengths "
-                "(or the Memory that compress returns, or a slots file from `icae compress`)"
-            )
-        return [s.shape[0] // m * m * r for s in memory]  # any length with this many segments will do
-    lengths = [int(n) for n in text_lengths]
-    if len(lengths) != len(memory):
-        raise UserError(f"{len(memory)} memories but {len(lengths)} text_lengths; pass one length per memory")
-    for i, (slots, n) in enumerate(zip(memory, lengths)):
         expected = len(segment_spans(n, m, r)) * m if n > 0 else 0
         if expected != slots.shape[0]:
             raise UserError(
                 f"memory {i} has {slots.shape[0]} slots but a text of {n} tokens compresses to {expected}: "
-                "text_lengths do not belong to these slots"
+                "its text_lengths do not belong to these slots"
             )
-    return lengths
 
 
 def _pick(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
@@ -208,8 +187,7 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
 
 def generate_ids(
     model,
-    memory: Memory | list[torch.Tensor],
-    text_lengths=None,
+    memory: Memory,
     task: str = "lm",
     prompt_ids: list[list[int]] | None = None,
     max_new_tokens: int | list[int] = 64,
@@ -232,8 +210,8 @@ def generate_ids(
         raise UserError(f"temperature must be positive when sampling (got {temperature}); use greedy decoding instead")
     if not 0.0 < top_p <= 1.0 or top_k < 0:
         raise UserError(f"top_p must be in (0, 1] and top_k at least 0 (got {top_p}, {top_k})")
-    memory, text_lengths = _unpack(model, memory, text_lengths)
-    lengths = _resolve_lengths(model, memory, text_lengths)
+    _check_memory(model, memory)
+    lengths = memory.text_lengths
     limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(memory)
     if len(limits) != len(memory) or any(n < 0 for n in limits):
         raise UserError("max_new_tokens must be a non-negative number (or one per memory)")
@@ -250,7 +228,7 @@ def generate_ids(
     eos = eos_token_id(model)
     out: list[list[int]] = []
     with eval_mode(model):
-        for start, chunk in _batches(memory, batch_size):
+        for start, chunk in _batches(memory.slots, batch_size):
             prefixes = []
             for i, slots in enumerate(chunk, start):
                 ids = torch.tensor([special] + list(prompt_ids[i]), device=model.device)
@@ -308,27 +286,17 @@ def _decode(model, ids: list[list[int]]) -> list[str]:
     return model.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def reconstruct(
-    model, memory: Memory | list[torch.Tensor], text_lengths=None, max_new_tokens: int | None = None, **gen
-) -> list[str]:
-    """The texts back from their memory (the [AE] task), stopping at EOS.
-
-    By default at most each text's own length + 1 tokens are generated when the lengths are
-    known (always, from a Memory), else as many as the slots can hold (n_segments * m * rate) + 1.
-    """
-    memory, text_lengths = _unpack(model, memory, text_lengths)
-    if max_new_tokens is None:
-        if text_lengths is not None:
-            max_new_tokens = [int(n) + 1 for n in text_lengths]
-        else:
-            c = model.config
-            max_new_tokens = [s.shape[0] * c.mean_compression_rate + 1 for s in memory]
-    return _decode(model, generate_ids(model, memory, text_lengths, "ae", max_new_tokens=max_new_tokens, **gen))
+def reconstruct(model, memory: Memory, max_new_tokens: int | None = None, **gen) -> list[str]:
+    """The texts back from their memory (the [AE] task), stopping at EOS; by default at most each
+    text's own length + 1 tokens."""
+    if max_new_tokens is None and isinstance(memory, Memory):
+        max_new_tokens = [n + 1 for n in memory.text_lengths]
+    return _decode(model, generate_ids(model, memory, "ae", max_new_tokens=max_new_tokens or 0, **gen))
 
 
 def generate(
     model,
-    memory: Memory | list[torch.Tensor],
+    memory: Memory,
     prompt: str | list[str] | None = None,
     max_new_tokens: int = 64,
     do_sample: bool = False,
@@ -337,7 +305,6 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     use_cache: bool = True,
-    text_lengths=None,
     batch_size: int = 8,
 ) -> list[str]:
     """A continuation of each compressed text ([LM]), or an answer to `prompt` about it ([FT]).
@@ -347,20 +314,19 @@ def generate(
     The prompt is formatted as in fine-tuning (icae.core.qa_examples): in the tokenizer's chat
     template when it has one.
     """
-    memory, text_lengths = _unpack(model, memory, text_lengths)
+    _check_memory(model, memory)
     prompt_ids = None
     if prompt is not None:
         prompts = [prompt] * len(memory) if isinstance(prompt, str) else list(prompt)
         if len(memory) == 1 and len(prompts) > 1:  # one text, several questions: the same slots for each
-            memory = memory * len(prompts)
-            text_lengths = None if text_lengths is None else list(text_lengths) * len(prompts)
+            memory = Memory(memory.slots * len(prompts), memory.text_lengths * len(prompts), memory.config)
         if len(prompts) != len(memory):
             raise UserError(f"{len(prompts)} prompts for {len(memory)} memories; pass one prompt or one per memory")
         if model.tokenizer is None:
             raise UserError("this model has no tokenizer to format a prompt; use generate_ids with prompt_ids")
         prompt_ids = [prompt_part_ids(model.tokenizer, p) for p in prompts]
     ids = generate_ids(
-        model, memory, text_lengths, "ft" if prompt is not None else "lm", prompt_ids, max_new_tokens,
+        model, memory, "ft" if prompt is not None else "lm", prompt_ids, max_new_tokens,
         do_sample, temperature, top_p, top_k, seed, use_cache, batch_size,
     )
     return _decode(model, ids)

@@ -13,6 +13,7 @@ explicitly (transformers 5 reads position ids without a mask as packed sequences
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from icae.core import inference
 from icae.core.checkpointing import check_policy, checkpoint_contexts
-from icae.core.collate import IGNORE, Collator
+from icae.core.collate import IGNORE, NUM_SPECIAL, Collator, token_id_layout
 from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
 from icae.core.lora import use_fused_lora
 from icae.core.losses import linear_cross_entropy
@@ -31,7 +32,6 @@ from icae.errors import UserError
 
 WEIGHTS_NAME = "icae_weights.safetensors"
 ENCODER_ADAPTER, DECODER_ADAPTER = "default", "decoder"
-NUM_SPECIAL = 3  # [AE], [LM], [FT]
 
 
 @dataclass
@@ -62,7 +62,7 @@ class ICAE(nn.Module):
         super().__init__()
         from peft import LoraConfig, get_peft_model
 
-        self.config = config.validate()
+        config = self.config = dataclasses.replace(config).validate()  # the caller's object stays as it was
         if base_model is None:
             from icae.core.base_model import load_base_model, load_tokenizer
 
@@ -297,12 +297,7 @@ class ICAE(nn.Module):
         lora = self.lora_config.to_dict()
         lora = {k: (sorted(v) if isinstance(v, set) else v) for k, v in lora.items()}
         lora["target_modules"] = self.lora_target_names()
-        special = {
-            "memory_token_ids": [self.config.vocab_size, self.config.vocab_size + self.config.fixed_mem_size - 1],
-            "ae_token_id": self.config.vocab_size + self.config.fixed_mem_size,
-            "lm_token_id": self.config.vocab_size + self.config.fixed_mem_size + 1,
-            "ft_token_id": self.config.vocab_size + self.config.fixed_mem_size + 2,
-        }
+        special = token_id_layout(self.config.vocab_size, self.config.fixed_mem_size)
         self.config.save(directory, lora_config=lora, special_tokens=special, training=self.training_info)
         if self.tokenizer is not None and save_tokenizer:
             self.tokenizer.save_pretrained(str(directory))
@@ -339,6 +334,7 @@ class ICAE(nn.Module):
         for key, value in overrides.items():
             setattr(config, key, value)
         model = cls(config, base_model=base_model, tokenizer=tokenizer)
+        config = model.config  # the sizes of the base model actually loaded
         if None not in expected and (config.hidden_size, config.vocab_size) != expected:
             raise UserError(
                 f"checkpoint {directory} was trained on a base model with hidden size {expected[0]} and vocabulary "
