@@ -83,13 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(command: str, rest: list[str], debug: bool) -> None:
-    try:
-        module = importlib.import_module(COMMANDS[command][0])
-    except ModuleNotFoundError as err:
-        if err.name != COMMANDS[command][0]:
-            raise
-        print(f"error: `icae {command}` is not available in this version of icae", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    module = importlib.import_module(COMMANDS[command][0])
     try:
         entry = getattr(module, "main")
         code = entry(rest, command=command) if command in ("compress", "reconstruct", "generate") else entry(rest)

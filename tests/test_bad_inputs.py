@@ -11,7 +11,6 @@ the processes are started cheaply.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -98,7 +97,6 @@ class Case:
     usage: bool = False  # an argparse error: usage text, then `prog: error: ...`
     debug: bool = False  # run with --debug: the traceback is shown
     loads: bool = False  # it may convert a model (the sentinel) before failing
-    needs: str | None = None  # a module that must exist
 
 
 CASES = {
@@ -160,7 +158,10 @@ CASES = {
     "unknown-layout": Case("--position_layout sideways", r"unknown --position_layout 'sideways': choose one of"),
     "unknown-decoder-mode": Case("--decoder_mode twin", r"unknown --decoder_mode 'twin': choose one of frozen"),
     "use-my-pe-contradicts-layout": Case(
-        "--use_my_pe True --position_layout epl_fixed", r"--use_my_pe contradicts --position_layout"
+        "--use_my_pe True --position_layout epl_fixed", r"--use_my_pe True contradicts --position_layout epl_fixed"
+    ),
+    "train-decoder-contradicts-mode": Case(
+        "--train_decoder False --decoder_mode shared", r"--train_decoder False contradicts --decoder_mode shared"
     ),
     "unknown-lora-target": Case(
         TINY + " --lora_target_modules q_proj,nope_proj",
@@ -208,11 +209,10 @@ CASES = {
     ),
     # other commands' checkpoints (their CLIs belong to icae.recipes.evaluate / icae.recipes.use)
     "eval-missing-checkpoint": Case(
-        "eval --checkpoint {ws}/nonexistent", r"nonexistent", whole=True, needs="icae.recipes.evaluate"
+        "eval --checkpoint {ws}/nonexistent", r"nonexistent", whole=True
     ),
     "compress-missing-checkpoint": Case(
         "compress --checkpoint {ws}/nonexistent --text hi -o {out}/x.safetensors", r"nonexistent", whole=True,
-        needs="icae.recipes.use",
     ),
 }
 
@@ -233,12 +233,8 @@ def _snapshot(path: Path) -> dict:
 FORK_SERVER = textwrap.dedent("""
     import json, os, sys, traceback
     jobs, workers = json.load(open(sys.argv[1])), int(sys.argv[2])
-    import icae.cli, icae.recipes.pretrain, icae.training.trainer, icae.data.texts  # the slow imports, once, before any fork
-    for optional in ("icae.recipes.evaluate", "icae.recipes.use"):
-        try:
-            __import__(optional)
-        except ImportError:
-            pass
+    import icae.cli, icae.recipes.pretrain, icae.recipes.evaluate, icae.recipes.use  # the slow imports, once, before any fork
+    import icae.training.trainer, icae.data.texts
 
     def child(job):
         code = 1
@@ -333,20 +329,14 @@ def cli_results(request, ws):
     selected = [
         item.callspec.params["name"] for item in request.session.items
         if getattr(item, "originalname", None) == "test_bad_input_is_one_clear_line" and hasattr(item, "callspec")
-        and item.module.__name__ == __name__ and _available(CASES[item.callspec.params["name"]])
+        and item.module.__name__ == __name__
     ]
     return _run_cases(ws, selected, fresh=os.environ.get("ICAE_TEST_FRESH_PROCESSES") == "1")
-
-
-def _available(case: Case) -> bool:
-    return case.needs is None or importlib.util.find_spec(case.needs) is not None
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_is_one_clear_line(cli_results, name):
     case = CASES[name]
-    if not _available(case):
-        pytest.skip(f"{case.needs} does not exist yet (its CLI belongs to another module)")
     result = cli_results[name]
     proc = result["proc"]
     if case.debug:

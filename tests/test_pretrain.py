@@ -82,6 +82,24 @@ def test_seed_lines_without_the_decoder_flag_get_icae_v2s_frozen_decoder():
         assert model_args.icae_config().decoder_mode == "shared"
 
 
+@pytest.mark.parametrize("switch, ours, agreeing, refused", [
+    ("use_my_pe", "position_layout", {"True": "epl", "False": "default"}, {"True": "epl_fixed", "False": "epl"}),
+    ("train_decoder", "decoder_mode", {"True": "shared", "False": "frozen"}, {"True": "separate", "False": "shared"}),
+])
+def test_the_seeds_two_switches_are_treated_alike(switch, ours, agreeing, refused):
+    """Each seed switch sets our flag; given with a value of ours that it contradicts, it is refused."""
+    from icae.recipes.pretrain import parse_args
+
+    for value in ("True", "False"):
+        model_args, _, _ = parse_args([f"--{switch}", value, "--output_dir", "/tmp/x"])
+        assert getattr(model_args.icae_config(), ours) == agreeing[value]
+        model_args, _, _ = parse_args([f"--{switch}", value, f"--{ours}", agreeing[value], "--output_dir", "/tmp/x"])
+        assert getattr(model_args.icae_config(), ours) == agreeing[value]
+        model_args, _, _ = parse_args([f"--{switch}", value, f"--{ours}", refused[value], "--output_dir", "/tmp/x"])
+        with pytest.raises(UserError, match=f"--{switch} {value} contradicts --{ours} {refused[value]}: give only one"):
+            model_args.icae_config()
+
+
 def test_cli_entry_points_and_bad_output_dir(workspace):
     root, model = workspace
     out = root / "cli"
@@ -201,10 +219,10 @@ def test_tensorboard_gets_the_same_losses_as_metrics_jsonl(workspace, tmp_path):
 
 
 def test_missing_reporting_package_is_named_before_anything_loads(workspace, tmp_path, monkeypatch):
-    import icae.recipes.pretrain
+    import icae.training.run
 
     root, model = workspace
-    monkeypatch.setitem(icae.recipes.pretrain.REPORT_PACKAGES, "wandb", "no_such_package_for_icae_tests")
+    monkeypatch.setitem(icae.training.run.REPORT_PACKAGES, "wandb", "no_such_package_for_icae_tests")
     out = tmp_path / "never"
     with pytest.raises(UserError, match=r"--report_to wandb needs .*pip install 'icae\[wandb\]'"):
         pretrain(_short_run(root, model, out, "wandb"))

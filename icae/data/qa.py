@@ -66,13 +66,13 @@ def _check_record(item, where: str, path) -> dict:
 
 
 def _describe(value) -> str:
-    from icae.data.texts import _describe as describe
+    from icae.data.texts import describe_json as describe
 
     return describe(value)
 
 
 def _load_json(path: Path) -> list[dict]:
-    from icae.data.texts import _read
+    from icae.data.texts import read_text_file as _read
 
     try:
         data = json.loads(_read(path))
@@ -178,7 +178,7 @@ def _signature(node, is_method: bool) -> str:
 
 def _members(body, is_method: bool, prefix: str = "") -> list[dict]:
     """Public documented functions of a module body (or methods of a class body), each name once."""
-    from icae.data.texts import _top_level
+    from icae.data.corpus import top_level as _top_level
 
     found, seen = [], set()
     nodes = body if is_method else _top_level(body)
@@ -199,7 +199,7 @@ def _members(body, is_method: bool, prefix: str = "") -> list[dict]:
 
 def _owners(module: str, tree: ast.Module) -> list[tuple[str, str, list[dict]]]:
     """(header, owner key, members) of a module and of each of its public classes."""
-    from icae.data.texts import _top_level
+    from icae.data.corpus import top_level as _top_level
 
     def header(kind, name, doc):
         first = first_sentence(doc.strip().split("\n\n")[0]) if doc and doc.strip() else ""
@@ -233,7 +233,7 @@ def is_eval_module(module: str) -> bool:
 
 
 def _build_python_docs_qa() -> list[dict]:
-    from icae.data.texts import _python_sources
+    from icae.data.corpus import python_sources as _python_sources
 
     records = []
     for module, path in _python_sources():

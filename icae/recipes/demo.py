@@ -80,7 +80,7 @@ def show_checkpoint(checkpoint: str) -> dict | None:
     from icae.core.inference import compress, generate, generate_ids
     from icae.core.model import load_checkpoint
     from icae.errors import UserError
-    from icae.recipes.pretrain import DataArguments, load_splits
+    from icae.data.texts import builtin_eval_texts
 
     try:
         model = load_checkpoint(checkpoint, device="cpu")
@@ -88,7 +88,7 @@ def show_checkpoint(checkpoint: str) -> dict | None:
         print(f"(skipped: {err})")
         return None
     length = int(model.training_info.get("model_max_length") or 64)
-    _, held_out = load_splits(DataArguments())  # the split the shipped checkpoint was trained without
+    held_out = builtin_eval_texts()  # the split the shipped checkpoint was trained without
     tokenizer = model.tokenizer
     ids = next(row for row in (tokenizer(t, add_special_tokens=False)["input_ids"] for t in held_out)
                if len(row) >= length)[:length]

@@ -297,10 +297,9 @@ def load_eval_records(source: str) -> list[dict]:
 
 def load_eval_texts(source: str) -> list[str]:
     """A file is the eval set as it is; the built-in corpus contributes its eval split only."""
-    from icae.data.texts import BUILTIN_PYTHON_DOCS, default_eval_size, load_texts, split_train_eval
+    from icae.data.texts import BUILTIN_PYTHON_DOCS, builtin_eval_texts, load_texts
 
-    texts = load_texts(source)
-    return split_train_eval(texts, default_eval_size(len(texts)))[1] if source == BUILTIN_PYTHON_DOCS else texts
+    return builtin_eval_texts() if source == BUILTIN_PYTHON_DOCS else load_texts(source)
 
 
 def main(argv: list[str]) -> int:

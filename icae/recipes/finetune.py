@@ -18,9 +18,6 @@ anything is written or loaded. What differs:
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +26,9 @@ from icae.core.config import ICAEConfig
 from icae.core.qa_examples import FTExampleConfig
 from icae.data.qa import BUILTIN_PYTHON_DOCS_QA
 from icae.errors import UserError
-from icae.recipes.pretrain import ICAETrainingArguments, ModelArguments
+from icae.training import run as plumbing
+from icae.training.arguments import ICAETrainingArguments, ModelArguments, given_flags
+from icae.training.arguments import parse_args as parse
 from icae.training.trainer import ICAETrainer
 
 # Taken from the --restore_from checkpoint; giving one of them another value is an error.
@@ -69,6 +68,11 @@ class FinetuneArguments(ICAETrainingArguments):
         default=0, metadata={"help": "at each eval, answer this many eval questions greedily from the slots and log "
                              "exact match, token F1 and ROUGE-1/L (0: off)"}
     )
+    context_as_text: bool = field(
+        default=False, metadata={"help": "the full-context baseline: the decoder reads [BOS, context, prompt, answer] "
+                                 "as text, no slots, with a fresh LoRA of the checkpoint's rank/targets "
+                                 "(--restore_from gives the config only; icae.core.text_context)"}
+    )
 
     def example_config(self) -> FTExampleConfig:
         return FTExampleConfig(max_context_length=self.max_context_length,
@@ -76,14 +80,7 @@ class FinetuneArguments(ICAETrainingArguments):
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArguments, FinetuneDataArguments, FinetuneArguments]:
-    from icae.recipes.pretrain import parse_args as parse
-
     return parse(argv, (ModelArguments, FinetuneDataArguments, FinetuneArguments), prog="icae finetune")
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The flag names on the command line (`--lora-r 8` and `--lora_r=8` both give "lora_r")."""
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def finetune_config(model_args: ModelArguments, given: set[str]) -> ICAEConfig:
@@ -98,9 +95,9 @@ def finetune_config(model_args: ModelArguments, given: set[str]) -> ICAEConfig:
                         "or one of its checkpoint-N folders")
     saved, _ = ICAEConfig.load(path)
     config = model_args.icae_config()
-    if "use_my_pe" in given:
+    if "use_my_pe" in given:  # the seed's switches say the layout / decoder mode as much as ours do
         given = given | {"position_layout"}
-    if model_args.train_decoder:
+    if "train_decoder" in given:
         given = given | {"decoder_mode"}
     diffs = [f"--{name} {getattr(saved, name)!r} (this run: {getattr(config, name)!r})" for name in FROM_CHECKPOINT
              if name in given and getattr(config, name) != getattr(saved, name)]
@@ -121,12 +118,12 @@ def finetune_config(model_args: ModelArguments, given: set[str]) -> ICAEConfig:
 
 
 def load_qa_splits(data_args: FinetuneDataArguments, verbose: bool = False) -> tuple[list[dict], list[dict]]:
-    from icae.data.qa import builtin_qa_splits, load_qa
+    from icae.data.qa import BUILTIN_QA_SETS, builtin_splits, load_qa
     from icae.data.texts import default_eval_size, split_train_eval
 
     source = data_args.train_file
-    if source == BUILTIN_PYTHON_DOCS_QA:
-        train, evaluation = builtin_qa_splits()
+    if source in BUILTIN_QA_SETS:
+        train, evaluation = builtin_splits(source)
         how = "the held-out modules"
         if data_args.eval_file:
             evaluation, how = load_qa(data_args.eval_file), "--eval_file"
@@ -191,7 +188,14 @@ class FinetuneTrainer(ICAETrainer):
 
             model = self.accelerator.unwrap_model(self.model)
             triples = dataset.triples[:n]
-            hyps = memory_answers(model, triples, max_new_tokens=64, batch_size=self.args.per_device_eval_batch_size)
+            if getattr(self.args, "context_as_text", False):
+                from icae.core.text_context import start_id, text_answers
+
+                hyps = text_answers(model, [[start_id(model)] + list(c) + list(p) for c, p, _ in triples], 64,
+                                    self.args.per_device_eval_batch_size)
+            else:
+                hyps = memory_answers(model, triples, max_new_tokens=64,
+                                      batch_size=self.args.per_device_eval_batch_size)
             decode = lambda ids: [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]  # noqa: E731
             scores = metrics.qa_scores(decode(hyps), decode([answer for _, _, answer in triples]))
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
@@ -202,71 +206,40 @@ class FinetuneTrainer(ICAETrainer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from icae.recipes.pretrain import (
-        check_checkpoints, check_data_args, check_model, check_reporting, prepare_output_dir, resolve_output_dir,
-        train_and_save,
-    )
-
-    # 1. Checks, cheapest first, all before anything is written or loaded.
-    argv_used = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, args = parse_args(argv_used)
+    # Arguments, and every check before anything is written or loaded (the records are read).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, args = parse_args(argv)
     example_cfg = args.example_config()
     if args.eval_qa_samples < 0:
         raise UserError(f"--eval_qa_samples must not be negative (got {args.eval_qa_samples})")
-    check_data_args(data_args)
-    check_reporting(args)
-    config = finetune_config(model_args, given_flags(argv_used))
-    resume = resolve_output_dir(args)
+    config = finetune_config(model_args, given_flags(argv))
+    resume = plumbing.check_start(config, args)
 
-    from icae.core.base_model import resolve_model
-
-    resolve_model(config.model_name_or_path, convert=False)
+    # Data: the records now, tokenized after the checks.
     train_records, eval_records = load_qa_splits(data_args, verbose=args.should_log)
-    if not eval_records and args.eval_strategy != "no":
-        raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
-                        "records, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
-                        "or pass --eval_strategy no")
-    check_checkpoints(check_model(config), args, resume, model_args.restore_from)
+    plumbing.check_eval_data(args, len(eval_records), "records")
+    plumbing.check_checkpoints(config, args, resume, model_args.restore_from)
+    out = plumbing.prepare_output_dir(args, resume)
+    from icae.core.base_model import load_tokenizer
 
-    from transformers import set_seed
-
-    from icae.core.base_model import load_base_model, load_tokenizer
-    from icae.core.model import ICAE
-    from icae.training.trainer import MetricsFileCallback, describe_model
-
-    # 2. Side effects on output_dir.
-    out = prepare_output_dir(args, resume)
-
-    # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
     train_set, eval_set = build_ft_datasets(train_records, eval_records, tokenizer, example_cfg,
                                             cache=not args.disable_datasets_cache)
-    set_seed(args.seed)
-    base = load_base_model(config.model_name_or_path, attn_implementation=model_args.attn_implementation)
-    model = ICAE(config, base_model=base, tokenizer=tokenizer)
-    model.load_trainable_weights(model_args.restore_from)
+
+    # Model: the pretrained checkpoint's weights.
+    if args.context_as_text:  # the full-context baseline: a fresh LoRA reading the context as text
+        from icae.core.text_context import as_text_context_model
+
+        model = as_text_context_model(plumbing.build_model(config, args, tokenizer, model_args.attn_implementation))
+    else:
+        model = plumbing.build_model(config, args, tokenizer, model_args.attn_implementation, model_args.restore_from)
     model.training_info = {"task": "ft", "max_context_length": example_cfg.max_context_length,
                            "model_max_length": example_cfg.model_max_length, "train_source": data_args.train_file,
-                           "restored_from": str(model_args.restore_from),
-                           "command": "icae finetune " + " ".join(shlex.quote(a) for a in argv_used)}
-    if args.should_save:
-        print(describe_model(model), flush=True)
-        print(f"train examples: {len(train_set):,} | eval examples: {len(eval_set):,} | restored from: "
-              f"{model_args.restore_from} | resume: {resume}")
-        (out / "run_config.json").write_text(
-            json.dumps({"icae": config.to_dict(), "examples": dataclasses.asdict(example_cfg),
-                        "data": dataclasses.asdict(data_args), "seed": args.seed,
-                        "restore_from": str(model_args.restore_from),
-                        "trainable_params": model.num_parameters()[0]}, indent=2) + "\n"
-        )
+                           "restored_from": str(model_args.restore_from), "context_as_text": args.context_as_text,
+                           "command": plumbing.command_line("icae finetune", argv)}
 
-    trainer = FinetuneTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set if len(eval_set) else None,
-        data_collator=model.collator,
-        callbacks=[MetricsFileCallback()],
-    )
-    train_and_save(trainer, args, resume, evaluate=bool(len(eval_set)))
-    return 0
+    # Run.
+    plumbing.record_run(model, out, args, f"train examples: {len(train_set):,} | eval examples: {len(eval_set):,} | "
+                        f"restored from: {model_args.restore_from} | resume: {resume}",
+                        {"examples": example_cfg, "data": data_args, "restore_from": str(model_args.restore_from)})
+    return plumbing.run(FinetuneTrainer, model, args, train_set, eval_set, resume)

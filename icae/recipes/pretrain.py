@@ -4,53 +4,24 @@ Accepts the seed's command lines verbatim (`icae pretrain` in place of `pretrain
 flags, and every `TrainingArguments` flag. Runs on a CPU, one GPU, or many under
 `accelerate launch` / `torchrun` (also as `python -m icae.pretrain`).
 
-Read top to bottom: arguments -> data -> model -> Trainer -> final save and eval. Everything a
+Read top to bottom: arguments -> data -> model -> run. The run plumbing (checks, output folder,
+resume, Trainer, final save) is icae/training/run.py, shared with `icae finetune`. Everything a
 user can get wrong (flags, data files, the model, the checkpoint to resume) is checked before the
 first expensive step (tokenizing, loading weights) and reported as one `UserError` line.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import re
-import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from icae.core.checkpointing import check_policy
-from icae.core.config import ICAEConfig
-from icae.errors import UserError
 from icae.core.examples import ExampleConfig
+from icae.errors import UserError
+from icae.training import run as plumbing
+from icae.training.arguments import ICAETrainingArguments, ModelArguments
+from icae.training.arguments import parse_args as parse
 
 # ----------------------------------------------------------------------------- arguments
-
-
-@dataclass
-class ModelArguments(ICAEConfig):
-    use_my_pe: bool | None = field(default=None, metadata={"help": "the seed's switch: True = --position_layout epl"})
-    train_decoder: bool | None = field(default=None, metadata={"help": "True = --decoder_mode shared (the seed's)"})
-    restore_from: str | None = field(default=None, metadata={"help": "start from the weights of an ICAE checkpoint"})
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "sdpa (default), eager, or flash_attention_2 (CUDA, pip install flash-attn)"}
-    )
-
-    def icae_config(self) -> ICAEConfig:
-        if self.use_my_pe is not None:
-            if self.position_layout not in ("default", "epl" if self.use_my_pe else "default"):
-                raise UserError("--use_my_pe contradicts --position_layout: give only one of them")
-            self.position_layout = "epl" if self.use_my_pe else self.position_layout
-        if self.train_decoder:
-            if self.decoder_mode not in ("frozen", "shared"):
-                raise UserError("--train_decoder True contradicts --decoder_mode: give only one of them")
-            self.decoder_mode = "shared"
-        names = {f.name for f in dataclasses.fields(ICAEConfig)}
-        return ICAEConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names}).validate()
 
 
 @dataclass
@@ -74,44 +45,6 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "processes that tokenize (once; the result is cached)"}
     )
-
-
-@dataclass
-class ICAETrainingArguments(TrainingArguments):
-    """The Trainer flags every ICAE training command shares (`icae pretrain`, `icae finetune`)."""
-
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh even if output_dir has a run"})
-    evaluation_strategy: str | None = field(default=None, metadata={"help": "old name of --eval_strategy"})
-    memory_learning_rate: float | None = field(
-        default=None, metadata={"help": "learning rate of the memory/special token embeddings (default: --learning_rate)"}
-    )
-    disable_datasets_cache: bool = field(default=False, metadata={"help": "the seed's workaround: no datasets cache"})
-    gradient_checkpointing_policy: str | None = field(
-        default=None, metadata={"help": "off | full (= --gradient_checkpointing True) | selective: keep matmul and "
-                                "attention outputs, recompute only elementwise work (helps PEFT's LoRA; "
-                                "--lora_impl fused alone keeps less)"}
-    )
-    remove_unused_columns: bool = field(default=False)
-    prediction_loss_only: bool = field(default=True)
-
-    def __post_init__(self):
-        if self.evaluation_strategy is not None:
-            self.eval_strategy = self.evaluation_strategy
-        if self.gradient_checkpointing_policy is not None:  # the policy decides; a contradicting switch is an error
-            on = check_policy(self.gradient_checkpointing_policy) != "off"
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}  # None; older transformers: False
-            for name in ("activation_checkpointing", "gradient_checkpointing"):
-                value = getattr(self, name, None)  # older transformers have no activation_checkpointing
-                if value is not None and value != defaults.get(name) and bool(value) != on:
-                    raise UserError(f"--{name} {getattr(self, name)} contradicts --gradient_checkpointing_policy "
-                                    f"{self.gradient_checkpointing_policy}: give only one of them")
-            self.activation_checkpointing = self.gradient_checkpointing = on
-        self.remove_unused_columns = False  # our collator reads the raw examples
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _cuda_available():
-            self.use_cpu = True  # torchrun on CPUs: without this Trainer runs N unsynchronised copies
-        if not _cuda_available():
-            self.dataloader_pin_memory = False
-        super().__post_init__()
 
 
 @dataclass
@@ -142,120 +75,8 @@ class PretrainArguments(ICAETrainingArguments):
         ).validate()
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def parse_args(argv: list[str], types: tuple = (ModelArguments, DataArguments, PretrainArguments),
-               prog: str = "icae pretrain") -> tuple:
-    parser = HfArgumentParser(types)
-    parser.prog = prog
-    try:
-        model_args, data_args, train_args, rest = parser.parse_args_into_dataclasses(
-            argv, return_remaining_strings=True
-        )
-    except ValueError as err:  # TrainingArguments' own checks
-        raise UserError(str(err).splitlines()[0]) from None
-    if rest:
-        flags = [r for r in rest if r.startswith("-")]
-        raise UserError(
-            (f"unknown flag {', '.join(flags)}" if flags else f"unexpected argument {' '.join(rest)}")
-            + f"; see `{prog} --help` for the flags"
-        )
-    if getattr(model_args, "restore_from", None):  # a shipped checkpoint's name, as with --checkpoint elsewhere
-        from icae.core.config import resolve_checkpoint
-
-        model_args.restore_from = str(resolve_checkpoint(model_args.restore_from))
-    return model_args, data_args, train_args
-
-
-def check_data_args(data_args: DataArguments) -> None:
-    for name in ("eval_size", "max_train_samples", "max_eval_samples"):
-        value = getattr(data_args, name)
-        if value is not None and value < 0:
-            raise UserError(f"--{name} must not be negative (got {value})")
-
-
-def resolve_output_dir(args: ICAETrainingArguments) -> Path | None:
-    """The checkpoint to resume from, after refusing to clobber an unrelated non-empty folder.
-
-    Only complete checkpoints count (marker present, weights file whole): a folder half-written
-    when a process died is never taken as the latest.
-    """
-    from icae.training.faults import LOCK_NAME, check_output_dir
-    from icae.training.trainer import is_complete_checkpoint, last_complete_checkpoint
-
-    out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
-    if args.should_save:  # a live run writing there: refuse before reading its checkpoints
-        check_output_dir(out)
-    if args.resume_from_checkpoint not in (None, "", "False", "false"):
-        if args.resume_from_checkpoint in ("True", "true", "last"):
-            last = last_complete_checkpoint(out)
-            if last is None:
-                raise UserError(f"--resume_from_checkpoint: no complete checkpoint in {out}")
-            return last
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir():
-            raise UserError(f"--resume_from_checkpoint {path} does not exist; pass a checkpoint-N folder or 'last'")
-        if not is_complete_checkpoint(path):
-            last = last_complete_checkpoint(path.parent)
-            raise UserError(
-                f"--resume_from_checkpoint {path} is not a complete checkpoint folder (its save was cut short); "
-                f"resume from {last or 'another checkpoint'} instead"
-            )
-        return path
-    if args.overwrite_output_dir or not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
-        return None  # (a lock left by a run killed early does not make the folder another run's)
-    last = last_complete_checkpoint(out)
-    if last is None:
-        raise UserError(
-            f"output_dir {out} is not empty and holds no complete checkpoint to resume: "
-            "pass --overwrite_output_dir to start afresh there, or choose another --output_dir"
-        )
-    return last
-
-
-REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
-
-
-def check_reporting(args: ICAETrainingArguments) -> None:
-    """A `--report_to` integration whose package is missing fails now, not after the model has loaded."""
-    from importlib.util import find_spec
-
-    for name in args.report_to or []:
-        package = REPORT_PACKAGES.get(name)
-        if package and find_spec(package) is None:
-            raise UserError(f"--report_to {name} needs the {package} package: pip install 'icae[{name}]' "
-                            "(or pass --report_to none)")
-
-
-def _wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def setup_wandb(args: ICAETrainingArguments, out: Path) -> None:
-    """wandb runs under output_dir, in project `icae`, and offline when there is no API key: a
-    training run never stops at a login prompt or for want of a network (`wandb sync` uploads later)."""
-    if "wandb" not in (args.report_to or []):
-        return
-    os.environ.setdefault("WANDB_PROJECT", "icae")
-    os.environ.setdefault("WANDB_DIR", str(out))
-    if "WANDB_MODE" not in os.environ and not _wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-        if args.should_log:
-            print(f"wandb: no API key (WANDB_API_KEY or `wandb login`), logging offline under "
-                  f"{os.environ['WANDB_DIR']}/wandb; upload with `wandb sync`", flush=True)
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, PretrainArguments]:
+    return parse(argv, (ModelArguments, DataArguments, PretrainArguments), prog="icae pretrain")
 
 
 # ----------------------------------------------------------------------------- data
@@ -305,99 +126,6 @@ def load_stream_eval(data_args: DataArguments) -> tuple[list[str], int]:
                             "in all); lower --eval_size or add texts")
         texts = texts[:held_back]
     return texts[: data_args.max_eval_samples], held_back
-
-
-# ----------------------------------------------------------------------------- model and checkpoint checks
-
-
-def check_model(config: ICAEConfig):
-    """The ICAE this run would build, on the meta device: the base model's config is read (a GGUF
-    file is converted once) but no weights are loaded. Unknown LoRA targets fail here."""
-    import torch
-
-    from icae.core.base_model import load_model_config
-    from icae.core.model import ICAE
-
-    base_config = load_model_config(config.model_name_or_path)
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        try:
-            base = AutoModelForCausalLM.from_config(base_config)
-        except Exception as err:  # noqa: BLE001 - an unsupported architecture fails in many ways
-            raise UserError(
-                f"cannot build a causal LM from {config.model_name_or_path} ({type(err).__name__}: {err}); "
-                "pass a causal LM (Llama, Mistral, Qwen2, ...)"
-            ) from None
-        return ICAE(dataclasses.replace(config), base_model=base)
-
-
-_STRUCTURAL = ("fixed_mem_size", "lora_r", "decoder_mode")
-
-
-def check_checkpoint_fits(checkpoint: Path, model, flag: str, fix: str) -> None:
-    """Refuse, before any weights are loaded, a checkpoint whose tensors do not fit `model` (the
-    meta-device ICAE of this run): another base model, or other LoRA targets, rank, mode or m."""
-    from safetensors import safe_open
-
-    from icae.core.base_model import safetensors_problem
-    from icae.core.model import WEIGHTS_NAME
-
-    if not checkpoint.is_dir():
-        raise UserError(
-            f"{flag} {checkpoint} does not exist; pass the output folder of `icae pretrain` or a checkpoint"
-        )
-    saved, data = ICAEConfig.load(checkpoint)
-    path = checkpoint / WEIGHTS_NAME
-    problem = safetensors_problem(path)
-    if problem:
-        raise UserError(f"{flag} {checkpoint}: {path.name} is not a valid weights file: {problem}")
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    own = {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
-    config = model.config
-    layers = lambda names: len({m for n in names for m in re.findall(r"\.layers\.(\d+)\.", n)})  # noqa: E731
-    sizes_saved = (saved.hidden_size, saved.vocab_size)
-    sizes_own = (config.hidden_size, config.vocab_size)
-    if (None not in sizes_saved and sizes_saved != sizes_own) or layers(shapes) != layers(own):
-        raise UserError(
-            f"{flag} {checkpoint} was trained on another base model ({saved.model_name_or_path}: hidden size "
-            f"{sizes_saved[0]}, vocabulary {sizes_saved[1]}, {layers(shapes)} LoRA layers) than "
-            f"{config.model_name_or_path} (hidden size {sizes_own[0]}, vocabulary {sizes_own[1]}, "
-            f"{layers(own)} LoRA layers): pass --model_name_or_path {saved.model_name_or_path}, {fix}"
-        )
-    if shapes == own:
-        return
-    diffs = [f"--{k} {getattr(saved, k)} (this run: {getattr(config, k)})" for k in _STRUCTURAL
-             if getattr(saved, k) != getattr(config, k)]
-    saved_targets = sorted((data.get("lora_config") or {}).get("target_modules") or [])
-    if saved_targets and saved_targets != model.lora_target_names():
-        diffs.append(f"LoRA on {','.join(saved_targets)} (this run: {','.join(model.lora_target_names())})")
-    if not diffs:
-        missing, extra = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
-        diffs = [f"other tensors ({len(missing)} missing, {len(extra)} unexpected, "
-                 f"{sum(shapes[k] != own[k] for k in set(own) & set(shapes))} of another shape)"]
-    raise UserError(
-        f"{flag} {checkpoint} does not fit this run: it was trained with {'; '.join(diffs)}: pass the flags it was "
-        f"trained with, {fix}"
-    )
-
-
-def tidy_checkpoints(out: Path, resume: Path | None) -> None:
-    """Before a resumed run: drop incomplete checkpoint folders (saves cut short) and, when resuming
-    from an older checkpoint of this output_dir, the newer ones whose steps this run redoes. Else a
-    stale folder could be taken as the latest, or `--save_total_limit` could keep it over a good one."""
-    from icae.training.trainer import checkpoint_step, complete_checkpoints, incomplete_checkpoints, remove_checkpoint
-
-    for path in incomplete_checkpoints(out):
-        print(f"note: removing {path}: an incomplete checkpoint (its save was cut short)", file=sys.stderr)
-        remove_checkpoint(path)
-    if resume is not None and resume.resolve().parent == out.resolve() and checkpoint_step(resume) is not None:
-        for path in complete_checkpoints(out):
-            if checkpoint_step(path) > checkpoint_step(resume):
-                print(f"note: removing {path}: newer than {resume.name}, which this run resumes from and "
-                      "whose later steps it redoes", file=sys.stderr)
-                remove_checkpoint(path)
 
 
 def build_datasets(train_texts, eval_texts, tokenizer, cfg: ExampleConfig, seed: int, examples_needed: int = 0,
@@ -463,144 +191,48 @@ def build_stream(data_args: DataArguments, eval_texts: list[str], held_back: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    # 1. Checks, cheapest first, all before anything is written or loaded: flags, output_dir,
-    #    data files, then the model (its config only) and the checkpoints it would load.
-    argv_used = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, args = parse_args(argv_used)
-    config = model_args.icae_config()
-    example_cfg = args.example_config()
-    check_data_args(data_args)
+    # Arguments, and every check before anything is written or loaded (the data's files are read).
+    argv = list(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, args = parse_args(argv)
+    config, example_cfg = model_args.icae_config(), args.example_config()
     if data_args.streaming and args.max_steps <= 0:
         raise UserError("--streaming True needs --max_steps: a stream has no length to count epochs in")
-    check_reporting(args)
-    resume = resolve_output_dir(args)
+    resume = plumbing.check_start(config, args)
 
-    from icae.core.base_model import resolve_model
-
-    resolve_model(config.model_name_or_path, convert=False)  # a missing model fails before the data loads
-    if args.disable_datasets_cache:  # the seed's workaround: tables and token ids in a temporary folder, per run
-        from datasets import disable_caching
-
-        disable_caching()
+    # Data: the texts now (an Arrow table, or the held-out head of a stream); examples after the checks.
     if data_args.streaming:
         eval_texts, held_back = load_stream_eval(data_args)
     else:
         with args.main_process_first(desc="reading the texts"):  # one process writes a source's table
             train_texts, eval_texts = load_splits(data_args, verbose=args.should_log, as_tables=True)
-    if not eval_texts and args.eval_strategy != "no":
-        raise UserError(f"--eval_strategy {getattr(args.eval_strategy, 'value', args.eval_strategy)} needs eval "
-                        "texts, but there are none: pass --eval_file, raise --eval_size / --max_eval_samples, "
-                        "or pass --eval_strategy no")
-    check_checkpoints(check_model(config), args, resume, model_args.restore_from)
+    plumbing.check_eval_data(args, len(eval_texts), "texts")
+    plumbing.check_checkpoints(config, args, resume, model_args.restore_from)
+    out = plumbing.prepare_output_dir(args, resume)
+    from icae.core.base_model import load_tokenizer
 
-    from transformers import set_seed
-
-    from icae.core.base_model import load_base_model, load_tokenizer
-    from icae.core.model import ICAE
-    from icae.training.trainer import ICAETrainer, MetricsFileCallback, describe_model
-
-    # 2. Side effects on output_dir, now that the run is known to be able to start.
-    out = prepare_output_dir(args, resume)
-
-    # 3. The expensive part.
     tokenizer = load_tokenizer(config.model_name_or_path)
-    examples_needed = max(args.max_steps, 0) * args.per_device_train_batch_size * args.gradient_accumulation_steps \
-        * args.world_size
     if data_args.streaming:
         train_set, eval_set = build_stream(data_args, eval_texts, held_back, tokenizer, example_cfg, args)
     else:
+        examples_needed = max(args.max_steps, 0) * args.per_device_train_batch_size \
+            * args.gradient_accumulation_steps * args.world_size
         train_set, eval_set = build_datasets(
             train_texts, eval_texts, tokenizer, example_cfg, args.seed, examples_needed=examples_needed,
             num_proc=data_args.preprocessing_num_workers, main_process_first=args.main_process_first,
             verbose=args.should_log,
         )
 
-    set_seed(args.seed)
-    # fp32 master weights; --bf16 autocasts
-    base = load_base_model(config.model_name_or_path, attn_implementation=model_args.attn_implementation)
-    model = ICAE(config, base_model=base, tokenizer=tokenizer)
-    if model_args.restore_from:
-        model.load_trainable_weights(model_args.restore_from)
+    # Model.
+    model = plumbing.build_model(config, args, tokenizer, model_args.attn_implementation, model_args.restore_from)
     model.training_info = {"model_max_length": example_cfg.model_max_length, "lm_ratio": example_cfg.lm_ratio,
-                           "text_window": example_cfg.text_window, "train_source": data_args.train_file or "builtin:python-docs",
-                           "command": "icae pretrain " + " ".join(shlex.quote(a) for a in argv_used)}
-    if args.should_save:
-        print(describe_model(model), flush=True)
-        count = "streamed" if data_args.streaming else f"{len(train_set):,}"
-        print(f"train examples: {count} | eval examples (AE): {len(eval_set):,} | resume: {resume}")
-        (out / "run_config.json").write_text(
-            json.dumps({"icae": config.to_dict(), "examples": dataclasses.asdict(example_cfg),
-                        "data": dataclasses.asdict(data_args), "seed": args.seed,
-                        "trainable_params": model.num_parameters()[0]}, indent=2) + "\n"
-        )
+                           "text_window": example_cfg.text_window,
+                           "train_source": data_args.train_file or "builtin:python-docs",
+                           "command": plumbing.command_line("icae pretrain", argv)}
 
-    trainer = ICAETrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=eval_set or None,
-        data_collator=model.collator,
-        callbacks=[MetricsFileCallback()],
-    )
-    train_and_save(trainer, args, resume, evaluate=bool(eval_set))
-    return 0
+    # Run.
+    count = "streamed" if data_args.streaming else f"{len(train_set):,}"
+    plumbing.record_run(model, out, args, f"train examples: {count} | eval examples (AE): {len(eval_set):,} | "
+                        f"resume: {resume}", {"examples": example_cfg, "data": data_args})
+    from icae.training.trainer import ICAETrainer
 
-
-def check_checkpoints(planned, args: ICAETrainingArguments, resume: Path | None, restore_from: str | None) -> None:
-    """The checkpoints this run would load (to resume, to restore from) fit `planned`, the run's
-    meta-device ICAE: checked before any weights load."""
-    if resume is not None:
-        explicit = args.resume_from_checkpoint not in (None, "", "False", "false")
-        check_checkpoint_fits(
-            resume, planned,
-            "--resume_from_checkpoint" if explicit else "the last checkpoint in output_dir,",
-            "or pass another --resume_from_checkpoint" if explicit
-            else "or pass --overwrite_output_dir (or another --output_dir) to start afresh",
-        )
-    if restore_from:
-        check_checkpoint_fits(Path(restore_from), planned, "--restore_from",
-                              "or restore from a checkpoint that fits this run")
-
-
-def prepare_output_dir(args: ICAETrainingArguments, resume: Path | None) -> Path:
-    """The side effects on output_dir once the run is known to be able to start: locked for this run
-    (until train_and_save ends), emptied under --overwrite_output_dir, stale checkpoints tidied on resume,
-    created; wandb set up there."""
-    from icae.training.faults import LOCK_NAME, hold_output_dir
-
-    if args.disable_datasets_cache:
-        from datasets import disable_caching
-
-        disable_caching()
-    out = Path(args.output_dir)
-    if args.should_save:
-        hold_output_dir(out)
-    if args.overwrite_output_dir and out.is_dir() and resume is None and args.should_save:
-        for child in out.iterdir():  # start afresh: old metrics and checkpoints would mix with the new run
-            if child.name != LOCK_NAME:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    if resume is not None and args.should_save:
-        tidy_checkpoints(out, resume)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_wandb(args, out)
-    return out
-
-
-def train_and_save(trainer, args: ICAETrainingArguments, resume: Path | None, evaluate: bool) -> None:
-    """Train (resuming from `resume`), save the final weights to output_dir, evaluate once more; then
-    release output_dir's lock, also when training stops early (preempted, a full disk, an error)."""
-    from icae.training.faults import release_output_dir
-
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        trainer.save_model(args.output_dir)
-        if evaluate:
-            trainer.evaluate()
-        if "wandb" in (args.report_to or []):  # close the run now (an offline one is complete on disk)
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish()
-    finally:
-        release_output_dir(args.output_dir)
-
+    return plumbing.run(ICAETrainer, model, args, train_set, eval_set, resume)

@@ -74,7 +74,7 @@ def _read_contexts(source: str) -> list[str]:
     other file (.txt, .md, .py, ...) is one context, read whole."""
     from pathlib import Path
 
-    from icae.data.texts import _read, load_texts
+    from icae.data.texts import load_texts, read_text_file
 
     if source == "-":
         text = sys.stdin.read()
@@ -86,7 +86,7 @@ def _read_contexts(source: str) -> list[str]:
         return load_texts(source)
     if not path.is_file():
         raise UserError(f"--context {source} does not exist; pass a text file")
-    return [_read(path)]
+    return [read_text_file(path)]
 
 
 def main(argv: list[str], command: str = "compress") -> int:
