@@ -31,7 +31,7 @@ def _formatwarning(message, category, filename, lineno, line=None) -> str:
 COMMANDS = {
     "pretrain": ("icae.recipes.pretrain", "train an in-context autoencoder (ICAE v2 pretraining)"),
     "finetune": ("icae.recipes.finetune", "instruction fine-tuning: answer prompts about compressed contexts"),
-    "prepare": ("icae.data.prepare", "build train/eval JSON files from a dataset or local files (also PwC)"),
+    "prepare": ("icae.recipes.prepare", "build train/eval JSON files from a dataset or local files (also PwC)"),
     "eval": ("icae.recipes.evaluate", "evaluate a checkpoint: AE/LM loss, BLEU, perplexities; QA (--task qa)"),
     "compress": ("icae.recipes.use", "compress text into memory slots (safetensors)"),
     "reconstruct": ("icae.recipes.use", "reconstruct text from memory slots"),

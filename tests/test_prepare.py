@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-import icae.data.prepare as prep
+import icae.recipes.prepare as prep
 from icae.errors import UserError
 
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import pytest
 
-import icae.data.prepare as prep
+import icae.recipes.prepare as prep
 from icae.data.qa import (
     BUILTIN_PYTHON_DOCS_QA, _build_python_docs_qa, builtin_qa_splits, first_sentence, is_eval_module, load_qa,
 )

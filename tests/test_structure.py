@@ -118,3 +118,30 @@ def test_the_graph_is_read_correctly():
     assert "icae.core.base_model" in GRAPH["icae.data.tokens"]  # inside a function
     assert "icae.core.model" not in GRAPH["icae.core.inference"]  # the module and its decode loop: one way only
     assert {"icae.recipes.pretrain", "icae.recipes.use", "icae.recipes.layout"} <= set(MODULES)
+
+
+def names_imported_from(name: str, module: str) -> list[tuple[int, str]]:
+    """(line, name) for every `from MODULE import NAME` in module `name` (also inside functions)."""
+    path = MODULES[name]
+    return [(node.lineno, alias.name) for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.ImportFrom) and node.module == module for alias in node.names]
+
+
+def test_recipes_share_run_plumbing_through_training_not_each_other():
+    """What the training recipes share lives in icae.training; another recipe may run their `main`, no more."""
+    wrong = [f"{MODULES[name].relative_to(PACKAGE.parent)}:{line} imports {target}.{attr}"
+             for name in MODULES for target in ("icae.recipes.pretrain", "icae.recipes.finetune") if name != target
+             for line, attr in names_imported_from(name, target) if attr != "main"]
+    assert not wrong, "\n".join(wrong)
+    assert not [t for t in GRAPH["icae.recipes.finetune"] if t == "icae.recipes.pretrain"]
+    assert "icae.training.run" in GRAPH["icae.recipes.pretrain"] and "icae.training.run" in GRAPH["icae.recipes.finetune"]
+
+
+def test_every_command_is_a_recipe_module_with_main():
+    """The command table's promise: `icae X` is a module in icae/recipes/ with main(argv)."""
+    from icae.cli import COMMANDS
+
+    for command, (module, _) in COMMANDS.items():
+        assert within(module, ("icae.recipes",)) and module in MODULES, f"icae {command}: {module}"
+        tree = ast.parse(MODULES[module].read_text())
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), module
