@@ -198,3 +198,50 @@ def test_modules_that_compute_otherwise_are_left_alone():
     lora.use_fused_lora(base)
     assert "forward" not in vars(layer.input_layernorm)
     assert "forward" in vars(layer.post_attention_layernorm) and "forward" in vars(layer.mlp)
+
+
+def test_masks_cut_from_one_word_are_independent():
+    """The four 15-bit draws of each 64-bit word: neighbours kept together as often as independence says."""
+    torch.manual_seed(0)
+    n, p = 2_000_000, 0.3
+    keep = lora.draw_keep_mask((n // 4, 4), p, "cpu").float()
+    sigma = ((1 - p) * p / (n // 4)) ** 0.5
+    for i in range(4):
+        assert abs(keep[:, i].mean().item() - (1 - p)) < 5 * sigma, i
+    for i, j in [(0, 1), (1, 2), (2, 3), (0, 3)]:
+        assert abs((keep[:, i] * keep[:, j]).mean().item() - (1 - p) ** 2) < 5 * sigma, (i, j)
+
+
+def test_bulk_dropout_keeps_1_minus_p_and_scales_the_kept_values():
+    torch.manual_seed(0)
+    n, p = 1_000_000, 0.2
+    x = torch.rand(n) + 1.0  # no zeros: a zero output means dropped
+    y = lora.BulkDropout(p).train()(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * ((1 - p) * p / n) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    assert abs(y.mean().item() - x.mean().item()) < 0.01  # unbiased, as inverted dropout must be
+
+
+@pytest.mark.parametrize("impl", ["peft", "fused"])
+def test_dropout_0_is_bit_identical_to_no_dropout(impl):
+    """BulkDropout(0) in training mode gives the same bits as no dropout module at all."""
+    batch = collate(mixed_examples(), "epl", M, R, V)
+    with_p0, without = make(impl, dropout=0.0), make(impl, dropout=0.0)
+    for model, module in [(with_p0, lambda: lora.BulkDropout(0.0).train()), (without, nn.Identity)]:
+        for layer in model._tuner_layers:
+            for name in layer.lora_dropout:
+                layer.lora_dropout[name] = module()
+    (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(with_p0, batch), loss_and_grads(without, batch)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+
+
+def test_peft_path_draws_its_masks_in_bulk(monkeypatch):
+    """PEFT's LoRA layers train with BulkDropout: every adapted projection call draws from draw_keep_mask."""
+    calls = []
+    real = lora.draw_keep_mask
+    monkeypatch.setattr(lora, "draw_keep_mask", lambda *a: calls.append(a[0]) or real(*a))
+    model = make("peft", dropout=0.1)
+    model(**collate(mixed_examples(), "epl", M, R, V)).loss.backward()
+    assert len(calls) == sum(len(layer.lora_dropout) for layer in model._tuner_layers) * 2  # encoder + decoder

@@ -10,10 +10,11 @@ the projection are one custom op: selective checkpointing caches it whole (outpu
 recompute costs nothing here.
 
 The same distribution as PEFT's LoRA: each projection draws its own mask, every value kept
-independently with probability 1 - p (to 2^-31: 31-bit integers against a threshold, about four times
-as fast as torch's Bernoulli sampler on CPU) and scaled by 1 / (1 - p). With dropout 0, or in eval
-mode, the result and the gradients are PEFT's (tests/test_lora.py). The parameters stay PEFT's
-(`lora_A` / `lora_B`, same names): checkpoints load either way.
+independently with probability 1 - p (to 2^-15: 15-bit integers against a threshold, four of them cut
+from each 64-bit random word, 2.5x cheaper than torch's Bernoulli sampler on CPU; `draw_keep_mask`)
+and scaled by 1 / (1 - p). With dropout 0, or in eval mode, the result and the gradients are PEFT's
+(tests/test_lora.py). The parameters stay PEFT's (`lora_A` / `lora_B`, same names): checkpoints load
+either way. PEFT's own path draws its masks the same way (`BulkDropout`, installed by ICAE).
 """
 
 from __future__ import annotations
@@ -50,10 +51,42 @@ def unpack_bits(bits: torch.Tensor, shape, dtype=torch.bool) -> torch.Tensor:
     return mask.view(torch.bool) if dtype == torch.bool else mask.to(dtype)
 
 
+KEEP_BITS = 15  # resolution of the keep probability: 2^-15
+
+
 def draw_keep_mask(shape, p: float, device) -> torch.Tensor:
-    """Bernoulli(1 - p) for every value (bool): 31-bit random integers against round((1 - p) * 2^31)."""
-    threshold = round((1.0 - p) * 2**31)
-    return torch.empty(shape, dtype=torch.int32, device=device).random_() < threshold  # random_(): [0, 2^31)
+    """Bernoulli(1 - p) for every value (bool), to 2^-15: 15-bit random integers against round((1 - p) * 2^15).
+
+    The random number generator, not the comparison, is the cost (torch's Bernoulli sampler draws one
+    32-bit number and a float per value): each 64-bit word of `random_()` (uniform on [0, 2^63)) is cut
+    into four 16-bit pieces whose low 15 bits are all random, so a mask of n values draws n/4 words."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    draws = words.view(torch.int16)[:n] & (2**KEEP_BITS - 1)  # little-endian or not, each piece's low 15 bits
+    return (draws < round((1.0 - p) * 2**KEEP_BITS)).view(shape)
+
+
+class BulkDropout(torch.nn.Dropout):
+    """nn.Dropout (inverted: kept values scaled by 1 / (1 - p)) with its masks from `draw_keep_mask`: the same
+    distribution at 2.5x less cost on CPU. The identity in eval mode or with p = 0 (not even a copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = draw_keep_mask(x.shape, self.p, x.device)
+        return (x * keep.to(x.dtype)).mul_(1.0 / (1.0 - self.p))
+
+
+def use_bulk_dropout(model: torch.nn.Module) -> None:
+    """Swap PEFT's LoRA dropout modules (torch.nn.Dropout) for BulkDropout of the same p."""
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for name, dropout in dropouts.items():
+                if type(dropout) is torch.nn.Dropout:
+                    replacement = BulkDropout(dropout.p)
+                    replacement.train(dropout.training)
+                    dropouts[name] = replacement
 
 
 # One custom op, so that selective checkpointing (icae.core.checkpointing) sees the mask draw and the projection
