@@ -1,4 +1,4 @@
-"""The layout functions against every worked example of shared/design/POSITIONS.md."""
+"""The layout functions against every rule and worked example of docs/POSITIONS.md."""
 
 import json
 import subprocess
@@ -133,3 +133,34 @@ def test_layout_command_rejects_unknown_layout():
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown position layout 'nope'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_default_memory_and_slots_follow_the_text_and_count_from_zero():
+    assert memory_positions("default", 10, 4, 4) == [10, 11, 12, 13]
+    assert slot_positions("default", 1300, 128, 4) == list(range(3 * 128))  # 3 segments: 0 .. n*m-1
+    assert decoder_positions("default", 1300, 128, 4, "lm", 5, special_token=False) == list(range(3 * 128 + 5))
+
+
+def test_the_specs_refusals():
+    from icae.core.positions import check_layout
+    from icae.errors import UserError
+
+    with pytest.raises(ValueError, match="at least one token"):
+        segment_spans(0, 128, 4)
+    with pytest.raises(ValueError, match="always has its \\[AE\\] token"):
+        decoder_positions("epl", 7, 4, 4, "ae", 8, special_token=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        decoder_positions("epl", 7, 4, 4, "qa", 3)
+    with pytest.raises(UserError, match="unknown position layout 'sideways'"):
+        check_layout("sideways")
+
+
+def test_ids_past_the_vocabulary():
+    """Memory tokens V..V+m-1, then [AE], [LM], [FT] (the spec's last rule), as the collator writes them."""
+    from icae.core.collate import collate, token_id_layout
+
+    assert token_id_layout(100, 4) == {"memory_token_ids": [100, 103], "ae_token_id": 104, "lm_token_id": 105,
+                                       "ft_token_id": 106}
+    batch = collate([dict(input_ids=[1, 2, 3], task="lm", target_ids=[5])], "epl", 4, 4, 100)
+    assert batch["encoder_input_ids"][0].tolist() == [1, 2, 3, 100, 101, 102, 103]
+    assert batch["decoder_input_ids"][0].tolist() == [100] * 4 + [105, 5]

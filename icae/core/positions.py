@@ -1,4 +1,4 @@
-"""Position ids of memory tokens: the contract of ../shared/design/POSITIONS.md as pure functions.
+"""Position ids of memory tokens: the contract of docs/POSITIONS.md as pure functions, one per section there.
 
 Everything here works on plain ints and lists so tests (and `icae layout`, icae/recipes/layout.py) can
 check every worked example without a model. The collator turns these lists into tensors.
