@@ -145,3 +145,11 @@ def test_every_command_is_a_recipe_module_with_main():
         assert within(module, ("icae.recipes",)) and module in MODULES, f"icae {command}: {module}"
         tree = ast.parse(MODULES[module].read_text())
         assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), module
+
+
+def test_data_and_training_do_not_import_each_other():
+    """docs/ARCHITECTURE.md's table: data and training both stand on core alone."""
+    wrong = [f"{name} imports {target}" for name, targets in GRAPH.items() for target in targets
+             for a, b in (("icae.data", "icae.training"), ("icae.training", "icae.data"))
+             if within(name, (a,)) and within(target, (b,))]
+    assert not wrong, "\n".join(wrong)
