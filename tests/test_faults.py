@@ -201,7 +201,7 @@ def test_sigterm_to_torchrun_gives_one_checkpoint_that_both_ranks_resume_from(wo
     step = json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
     assert stderr.count(f"stopped: SIGTERM after step {step} of 20") == 2, stderr[-3000:]  # one line per rank
-    assert code == 1, stderr[-3000:]  # torchrun's own status when it was signalled (README says so)
+    assert code == 1, stderr[-3000:]  # torchrun's own status when it was signalled (docs/FAULTS.md says so)
 
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -23,7 +23,7 @@ SEED_COMMON = (
     '--max_grad_norm 2.0 --overwrite_output_dir --logging_steps 10 --evaluation_strategy "steps" --eval_steps 100 '
     "--add_special_token_for_lm True"
 )
-SEED_DECODER = "--train_decoder True"  # the seed's decoder: the LoRA-adapted encoder (README says so)
+SEED_DECODER = "--train_decoder True"  # the seed's decoder: the LoRA-adapted encoder (docs/SEED-EXPERIMENTS.md says so)
 SEED_RUNS = {
     "default": "--use_my_pe False",
     "epl": "--use_my_pe True",

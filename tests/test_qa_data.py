@@ -29,7 +29,7 @@ def test_builtin_set_is_deterministic_and_sized_as_documented(splits):
     fresh = _build_python_docs_qa()  # built again from the sources: the same records in the same order
     assert [r for r in fresh if not is_eval_module(r["module"])] == train
     assert [r for r in fresh if is_eval_module(r["module"])] == evaluation
-    assert 2000 <= len(train) <= 4000 and 150 <= len(evaluation) <= 600  # README: ~2,600 train, ~350 eval on 3.11
+    assert 2000 <= len(train) <= 4000 and 150 <= len(evaluation) <= 600  # docs/FINETUNING.md: ~2,600 train, ~350 eval on 3.11
     assert load_qa(BUILTIN_PYTHON_DOCS_QA) == [{k: r[k] for k in ("input", "prompt", "answer")}
                                                for r in evaluation + train]
 
