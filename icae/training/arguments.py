@@ -86,6 +86,11 @@ class ICAETrainingArguments(TrainingArguments):
             self.use_cpu = True  # torchrun on CPUs: without this Trainer runs N unsynchronised copies
         if not cuda_available():
             self.dataloader_pin_memory = False
+        if self.bf16 and (self.use_cpu or not cuda_available()):  # bf16 on a CPU: only where it is fast
+            from icae.core.precision import check_bf16
+
+            check_bf16("--bf16 True", "cpu")
+            self.use_cpu = True  # what Trainer asks for before it autocasts on a CPU
         super().__post_init__()
 
 

@@ -23,9 +23,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from icae.core.config import ICAEConfig
+from icae.core.precision import use_fp32_attention
 from icae.errors import UserError
-from icae.training.arguments import ICAETrainingArguments
+from icae.training.arguments import ICAETrainingArguments, cuda_available
 
 REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 _STRUCTURAL = ("fixed_mem_size", "lora_r", "decoder_mode")
@@ -265,19 +268,30 @@ def setup_wandb(args: ICAETrainingArguments, out: Path) -> None:
 
 def build_model(config: ICAEConfig, args: ICAETrainingArguments, tokenizer, attn_implementation: str | None = None,
                 restore_from: str | None = None):
-    """The run's ICAE: seeded, the base model's weights loaded (fp32 master weights; --bf16 autocasts),
-    then the trainable weights of `restore_from` when given."""
+    """The run's ICAE: seeded, the base model's weights loaded, then the trainable weights of `restore_from`
+    when given. The trainable weights (LoRA, memory embeddings) are fp32 master weights; --bf16 autocasts,
+    and on a CPU also stores the frozen weights in bf16 once (no cast per step) and runs attention in fp32
+    (icae.core.precision: faster there than torch's bf16 attention kernel)."""
     from transformers import set_seed
 
     from icae.core.base_model import load_base_model
     from icae.core.model import ICAE
 
     set_seed(args.seed)
-    base = load_base_model(config.model_name_or_path, attn_implementation=attn_implementation)
+    bf16_cpu = args.bf16 and training_device(args) == "cpu"
+    base = load_base_model(config.model_name_or_path, dtype=torch.bfloat16 if bf16_cpu else torch.float32,
+                           attn_implementation=attn_implementation)
+    if bf16_cpu:
+        use_fp32_attention(base)
     model = ICAE(config, base_model=base, tokenizer=tokenizer)
     if restore_from:
         model.load_trainable_weights(restore_from)
     return model
+
+
+def training_device(args: ICAETrainingArguments) -> str:
+    """'cpu' or 'cuda': where Trainer will put the model (without initialising anything)."""
+    return "cpu" if args.use_cpu or not cuda_available() else "cuda"
 
 
 def command_line(prog: str, argv: list[str]) -> str:
