@@ -15,6 +15,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 ARCHS = ("llama", "mistral", "qwen2")
+# The base-model families icae is tested on (tests/test_families.py), by HF model_type.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "granite", "olmo2", "stablelm",
+            "gpt_neox", "gpt2")
+# Per family, what differs from a llama-like config: head sizes the defaults make huge, and the features
+# icae must reproduce set to values that change the numbers (Granite's multipliers as in granite-3, a
+# logit soft-cap small enough to matter for tiny random logits).
+_FAMILY_KWARGS = {
+    "llama": {"tie_word_embeddings": False},
+    "mistral": {"tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": False},
+    "qwen3": {"head_dim": 16},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 1.0},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 1.0},
+    "granite": {"logits_scaling": 8.0, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+                "attention_multiplier": 0.0156},
+    "gpt2": {"n_positions": 4096},
+}
 
 
 def byte_tokenizer():
@@ -32,9 +49,25 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
 
 
-def tiny_config(arch: str = "llama", vocab_size: int = 259, hidden_size: int = 64, layers: int = 2):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+def embedded_tokenizer():
+    """The embedded SmolLM2's tokenizer (49,152 tokens), read from its GGUF file without converting the model."""
+    from transformers import AutoTokenizer
 
+    from icae.core.base_model import find_smollm2_gguf
+
+    gguf = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 259, hidden_size: int = 64, layers: int = 2,
+                special_ids: tuple[int, int, int] | None = None):
+    """A small config of any family in FAMILIES; `special_ids` = (bos, eos, pad), else the last three ids."""
+    from transformers import AutoConfig
+
+    bos, eos, pad = special_ids or (vocab_size - 3, vocab_size - 2, vocab_size - 1)
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -43,14 +76,18 @@ def tiny_config(arch: str = "llama", vocab_size: int = 259, hidden_size: int = 6
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
-        bos_token_id=vocab_size - 3,
-        eos_token_id=vocab_size - 2,
-        pad_token_id=vocab_size - 1,
-        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
-    config = cls(**common)
-    config._attn_implementation = "sdpa"
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown family {arch!r}; one of {', '.join(FAMILIES)}")
+    extra = dict(_FAMILY_KWARGS.get(arch, {}))
+    if arch == "gpt2":
+        extra.update(n_embd=hidden_size, n_layer=layers, n_head=4, n_inner=hidden_size * 2)
+    config = AutoConfig.for_model(arch, **{**common, **extra})
+    # sdpa where the family supports it (Gemma 2's soft-capped attention needs eager)
+    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
     return config
 
 
@@ -62,10 +99,11 @@ def tiny_base_model(arch: str = "llama", seed: int = 0, **kwargs):
     return model.eval()
 
 
-def save_tiny_model(directory: str | Path, arch: str = "llama", seed: int = 0, **kwargs) -> str:
+def save_tiny_model(directory: str | Path, arch: str = "llama", seed: int = 0, tokenizer=None, **kwargs) -> str:
+    """A tiny model saved as a HF folder with `tokenizer` (the byte tokenizer by default)."""
     directory = Path(directory)
     tiny_base_model(arch, seed, **kwargs).save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
+    (tokenizer or byte_tokenizer()).save_pretrained(directory)
     return str(directory)
 
 

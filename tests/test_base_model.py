@@ -1,4 +1,5 @@
 import importlib.util
+import inspect
 import json
 import os
 import time
@@ -236,3 +237,42 @@ def test_embedded_smollm2_loads():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
     assert "quantization_config" not in json.loads((base_model.Path(resolve_model(DEFAULT_MODEL)) / "config.json").read_text())
+
+
+def test_default_lora_targets_are_pefts_or_the_attention_projections(capsys):
+    from icae.testing import tiny_base_model
+
+    assert base_model.default_lora_targets(tiny_base_model("llama")) is None  # PEFT's own table applies
+    assert base_model.default_lora_targets(tiny_base_model("phi3")) == ["qkv_proj"]  # fused
+    assert base_model.default_lora_targets(tiny_base_model("olmo2")) == ["q_proj", "v_proj"]
+    assert "olmo2 (PEFT has no default): q_proj,v_proj" in capsys.readouterr().err
+    no_attention = tiny_base_model("granite")
+    for layer in no_attention.model.layers:
+        layer.self_attn = torch.nn.Identity()
+    with pytest.raises(UserError, match="no attention projections were found; pass --lora_target_modules"):
+        base_model.default_lora_targets(no_attention)
+
+
+def test_embedding_table_is_what_the_embedding_module_outputs():
+    from icae.testing import tiny_base_model
+
+    llama = tiny_base_model("llama")
+    table, weight = base_model.embedding_table(llama), llama.get_input_embeddings().weight
+    assert table.data_ptr() == weight.data_ptr() and torch.equal(table, weight)  # plain: the weight, no copy
+    gemma = tiny_base_model("gemma2")
+    table = base_model.embedding_table(gemma)
+    torch.testing.assert_close(table, gemma.get_input_embeddings().weight.detach() * 64**0.5)
+
+
+def test_the_kv_cache_is_passed_under_the_name_the_model_takes():
+    from icae.testing import tiny_base_model
+
+    backbone = tiny_base_model("llama").model
+    expected = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    assert base_model.cache_kwarg(backbone) == expected
+
+    class Old(torch.nn.Module):
+        def forward(self, inputs_embeds, past_key_values=None):
+            return inputs_embeds
+
+    assert base_model.cache_kwarg(Old()) == "past_key_values"

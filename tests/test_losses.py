@@ -84,3 +84,46 @@ def test_bf16_autocast_close_to_fp32():
 def test_shape_errors_name_the_problem():
     with pytest.raises(ValueError, match="expected hidden"):
         losses.linear_cross_entropy(torch.zeros(2, 3, 4), torch.zeros(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("scale,softcap", [(0.125, None), (1.0, 0.7), (3.0, 2.0)])
+def test_post_processed_logits_match_autograd_through_the_plain_path(chunked, scale, softcap):
+    """Granite's logits_scaling and Gemma's soft-cap, in the chunked path with its hand-written gradient."""
+    hidden, weight, targets, b, upstream = data(bias=True)
+
+    def reference(h):
+        logits = F.linear(h, weight, b).float() * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    ours, ref = losses.linear_cross_entropy(h1, weight, targets, b, scale, softcap), reference(h2)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ref, plain(hidden, weight, targets, b), atol=1e-3)  # the post-processing matters
+    (g1,) = torch.autograd.grad((ours * upstream).sum(), h1)
+    (g2,) = torch.autograd.grad((ref * upstream).sum(), h2)
+    torch.testing.assert_close(g1, g2, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(losses.linear_cross_entropy(hidden, weight, targets, b, scale, softcap), ref)
+    w = weight.clone().requires_grad_()  # a trained output layer: the plain path, post-processed too
+    head = losses.OutputHead(w, b, scale, softcap)
+    torch.testing.assert_close(head.loss(hidden, targets), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_whose_logits_icae_cannot_reproduce_is_refused():
+    from icae.errors import UserError
+    from icae.testing import tiny_base_model
+
+    model = tiny_base_model("llama")
+    losses.check_output_head(model)  # a plain head passes
+
+    class Doubled(torch.nn.Linear):  # a post-processing no config attribute announces
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    doubled = Doubled(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+    doubled.weight = model.lm_head.weight
+    model.lm_head = doubled
+    with pytest.raises(UserError, match=r"\(llama\) post-processes its output logits"):
+        losses.check_output_head(model)

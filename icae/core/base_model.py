@@ -6,8 +6,10 @@ later load is a fast, ordinary `from_pretrained` with nothing GGUF-specific left
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -265,3 +267,75 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_
         raise
     except Exception as err:  # noqa: BLE001 - transformers fails on bad files in many ways
         raise _load_error("weights", name_or_path, err) from err
+
+
+_OUTPUT_PROJECTIONS = {"o_proj", "out_proj", "dense", "c_proj", "o", "wo", "out", "proj"}
+
+
+def _projection_layers(attention) -> list[str]:
+    """Names of the linear (or GPT-2 Conv1D) layers directly inside an attention module, its output excluded."""
+    return [name for name, child in attention.named_children()
+            if (isinstance(child, torch.nn.Linear) or type(child).__name__ == "Conv1D")
+            and name not in _OUTPUT_PROJECTIONS]
+
+
+def default_lora_targets(model) -> list[str] | None:
+    """None where PEFT has a default LoRA target list for the model type (PEFT then applies it); else the
+    attention's query and value projections found by structure (or its fused qkv projection), printed.
+
+    PEFT's table knows common families only (not phi3, granite, olmo2, ...), and fails on the rest.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in PEFT_DEFAULTS:
+        return None
+    found: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if "attn" in leaf or "attention" in leaf:
+            found.update(_projection_layers(module))
+    fused = sorted(n for n in found if "qkv" in n or "query_key_value" in n or n == "c_attn")
+    query = sorted(n for n in found if n.startswith("q") or "query" in n)
+    value = sorted(n for n in found if n.startswith("v") or "value" in n)
+    chosen = fused or (query + value if query and value else sorted(found))
+    if not chosen:
+        raise UserError(
+            f"PEFT has no default LoRA targets for {model_type} and no attention projections were found; "
+            "pass --lora_target_modules (e.g. 'all-linear')"
+        )
+    if model_type not in _announced:
+        _announced.add(model_type)
+        print(f"LoRA targets for {model_type} (PEFT has no default): {','.join(chosen)}", file=sys.stderr)
+    return chosen
+
+
+_announced: set[str] = set()
+
+
+def embedding_table(model) -> torch.Tensor:
+    """The input embeddings (vocab, hidden) in float32 as the model's embedding module outputs them.
+
+    Gemma scales its rows by sqrt(hidden) inside the module, so its weight is not what the layers
+    see; new tokens (memory, [AE], ...) must start where the real ones are. Where the module returns
+    its rows unchanged, this is the weight itself (no copy for float32 weights).
+    """
+    module = model.get_input_embeddings()
+    weight = module.weight.detach()
+    ids = torch.arange(weight.shape[0], device=weight.device)
+    with torch.no_grad():
+        probe = module(ids[:16])
+        if weight.device.type != "meta" and torch.equal(probe, weight[:16]):
+            return weight.float()
+        return torch.cat([module(chunk).float() for chunk in ids.split(4096)])
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_cache(forward_type: type) -> bool:
+    return "cache" in inspect.signature(forward_type.forward).parameters
+
+
+def cache_kwarg(backbone) -> str:
+    """The name under which `backbone.forward` takes a KV cache: `cache` in transformers releases that
+    deprecate `past_key_values` (and warn on every call), else `past_key_values`."""
+    return "cache" if _takes_cache(type(backbone)) else "past_key_values"

@@ -22,6 +22,7 @@ import contextlib
 import torch
 
 from icae.core.collate import encoder_rows, special_token_id
+from icae.core.losses import output_head
 from icae.core.memory import Memory
 from icae.core.positions import decoder_positions, segment_spans
 from icae.core.qa_examples import prompt_part_ids
@@ -156,7 +157,7 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
         positions[i, : len(pos)] = torch.tensor(pos)
     last = torch.tensor([len(p) - 1 for _, p in prefixes], device=model.device)
     next_position = torch.tensor([p[-1] + 1 for _, p in prefixes], device=model.device)
-    head = model.base.get_output_embeddings()
+    head = output_head(model.base)  # the model's own logits (Granite's scaling, Gemma's soft-cap)
     cache = DynamicCache(config=model.base.config) if use_cache else None
     inputs, input_positions = embeds, positions
     tokens = torch.empty(batch, 0, dtype=torch.long, device=model.device)
@@ -166,7 +167,7 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
                                       adapter=adapter)
         hidden = hidden.last_hidden_state
         hidden = hidden[torch.arange(batch, device=model.device), last] if step == 0 else hidden[:, -1]
-        token = _pick(head(hidden).float(), generator=generator, **sampling)
+        token = _pick(head.logits(hidden).float(), generator=generator, **sampling)
         token = token.masked_fill(done, eos)
         tokens = torch.cat([tokens, token[:, None]], 1)
         done |= token == eos

@@ -27,7 +27,7 @@ from icae.core.checkpointing import check_policy, checkpoint_contexts
 from icae.core.collate import IGNORE, NUM_SPECIAL, Collator, token_id_layout
 from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
 from icae.core.lora import use_fused_lora
-from icae.core.losses import linear_cross_entropy
+from icae.core.losses import check_output_head, output_head
 from icae.errors import UserError
 
 WEIGHTS_NAME = "icae_weights.safetensors"
@@ -42,12 +42,18 @@ class ICAEOutput(ModelOutput):
 
 
 def lora_targets(base_model: nn.Module, spec: str):
-    """'' -> PEFT's default for the architecture; 'all-linear'; or a checked comma list."""
+    """'' -> PEFT's default for the architecture (the attention projections where PEFT has none);
+    'all-linear'; or a checked comma list."""
     spec = (spec or "").strip()
-    if spec in ("", "all-linear"):
-        return spec or None
+    if spec == "":
+        from icae.core.base_model import default_lora_targets
+
+        return default_lora_targets(base_model)
+    if spec == "all-linear":
+        return spec
     names = [n.strip() for n in spec.split(",") if n.strip()]
-    linear = {name.rsplit(".", 1)[-1] for name, mod in base_model.named_modules() if isinstance(mod, nn.Linear)}
+    linear = {name.rsplit(".", 1)[-1] for name, mod in base_model.named_modules()
+              if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"}  # GPT-2's linear layers
     unknown = [n for n in names if n not in linear]
     if unknown:
         raise UserError(
@@ -75,6 +81,7 @@ class ICAE(nn.Module):
         config.vocab_size, config.hidden_size = embeddings.shape
         for p in base_model.parameters():
             p.requires_grad_(False)
+        check_output_head(base_model)  # logits as the model computes them, or a clear refusal
 
         self.lora_config = LoraConfig(
             r=config.lora_r,
@@ -90,9 +97,12 @@ class ICAE(nn.Module):
         for name, p in self.lm.named_parameters():
             p.requires_grad_("lora_" in name)  # both adapters train; add_adapter may have frozen one
 
-        # Rows 0..m-1: memory tokens; then [AE], [LM], [FT]. Drawn from the base table's statistics
-        # so the new tokens start where the LM expects embeddings to be.
-        table = embeddings.detach().float()
+        # Rows 0..m-1: memory tokens; then [AE], [LM], [FT]. Drawn from the statistics of the embeddings
+        # as the embedding module outputs them (Gemma scales by sqrt(hidden)), so the new tokens start
+        # where the LM expects embeddings to be.
+        from icae.core.base_model import embedding_table
+
+        table = embedding_table(base_model)
         noise = torch.randn(config.fixed_mem_size + NUM_SPECIAL, table.shape[1])  # drawn on the CPU: same on any device
         init = table.mean(0) + table.std(0) * noise.to(table.device)
         self.memory_embeddings = nn.Embedding.from_pretrained(init, freeze=False)
@@ -226,7 +236,9 @@ class ICAE(nn.Module):
                        adapter: str | None = None):
         """The decoder's backbone output under the decoder mode's adapter state (or `adapter`:
         "disabled" is the base model without LoRA)."""
-        extra = {} if past_key_values is None else {"past_key_values": past_key_values}
+        from icae.core.base_model import cache_kwarg
+
+        extra = {} if past_key_values is None else {cache_kwarg(self.backbone): past_key_values}
         if past_key_values is None or past_key_values.get_seq_length() == 0:  # a whole sequence, not a decode step
             extra.update(self._attention_kwargs(attention_mask))
         with self._adapter(adapter or self._decoder_state()):
@@ -242,9 +254,8 @@ class ICAE(nn.Module):
         hidden = self.decoder_hidden(inputs_embeds, decoder_attention_mask, decoder_position_ids).last_hidden_state
         targets = labels[:, 1:]
         is_target = targets != IGNORE
-        head = self.base.get_output_embeddings()
         # only where there are labels, and never the whole logit tensor at once (icae.core.losses)
-        token_loss = linear_cross_entropy(hidden[:, :-1][is_target], head.weight, targets[is_target], head.bias)
+        token_loss = output_head(self.base).loss(hidden[:, :-1][is_target], targets[is_target])
         rows = is_target.nonzero()[:, 0]
         count = is_target.sum(1)
         row_loss = torch.zeros(labels.shape[0], device=token_loss.device).index_add(0, rows, token_loss)

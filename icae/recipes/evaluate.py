@@ -41,7 +41,7 @@ from icae.core.collate import IGNORE, collate
 from icae.errors import UserError
 from icae.core.examples import ae_example
 from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, generate_plain_ids, token_ids
-from icae.core.losses import linear_cross_entropy
+from icae.core.losses import output_head
 from icae.core.memory import Memory
 from icae.core.model import load_checkpoint
 
@@ -74,8 +74,7 @@ def _plain_nll(model, rows: list[tuple[list[int], list[int]]]) -> tuple[float, i
         hidden = model.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     targets = labels[:, 1:]
     is_target = targets != IGNORE
-    head = model.base.get_output_embeddings()
-    losses = linear_cross_entropy(hidden.last_hidden_state[:, :-1][is_target], head.weight, targets[is_target], head.bias)
+    losses = output_head(model.base).loss(hidden.last_hidden_state[:, :-1][is_target], targets[is_target])
     return float(losses.sum()), int(is_target.sum())
 
 
