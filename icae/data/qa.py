@@ -35,7 +35,9 @@ from icae.errors import UserError
 
 BUILTIN_PYTHON_DOCS_QA = "builtin:python-docs-qa"
 FIELDS = ("input", "prompt", "answer")
-QA_FORMATS = ".json, .jsonl or .parquet file of {input, prompt, answer} records, or " + BUILTIN_PYTHON_DOCS_QA
+BUILTIN_PYTHON_DOCS_QA_LONG = "builtin:python-docs-qa-long"  # icae.data.qa_long: ~500-1,000-token contexts
+BUILTIN_QA_SETS = (BUILTIN_PYTHON_DOCS_QA, BUILTIN_PYTHON_DOCS_QA_LONG)
+QA_FORMATS = ".json, .jsonl or .parquet file of {input, prompt, answer} records, or " + " or ".join(BUILTIN_QA_SETS)
 
 MEMBERS_PER_CONTEXT = 4
 MIN_MEMBERS = 2
@@ -111,9 +113,7 @@ def load_qa(source: str) -> list[dict]:
     naming the file and the item, not a silent skip: it means the file is not what it was meant to be.
     """
     if source.startswith("builtin:"):
-        if source != BUILTIN_PYTHON_DOCS_QA:
-            raise UserError(f"unknown built-in QA set {source!r}; the only one is {BUILTIN_PYTHON_DOCS_QA}")
-        train, evaluation = builtin_qa_splits()
+        train, evaluation = builtin_splits(source)
         return evaluation + train
     path = Path(source).expanduser()
     if not path.is_file():
@@ -255,6 +255,17 @@ def _build_python_docs_qa() -> list[dict]:
 @functools.lru_cache(maxsize=1)
 def _python_docs_qa() -> tuple[dict, ...]:
     return tuple(_build_python_docs_qa())
+
+
+def builtin_splits(source: str, with_keys: bool = False) -> tuple[list[dict], list[dict]]:
+    """(train, eval) records of one of the built-in QA sets (`BUILTIN_QA_SETS`)."""
+    if source == BUILTIN_PYTHON_DOCS_QA:
+        return builtin_qa_splits(with_keys)
+    if source == BUILTIN_PYTHON_DOCS_QA_LONG:
+        from icae.data.qa_long import long_qa_splits
+
+        return long_qa_splits(with_keys)
+    raise UserError(f"unknown built-in QA set {source!r}; choose one of {', '.join(BUILTIN_QA_SETS)}")
 
 
 def builtin_qa_splits(with_keys: bool = False) -> tuple[list[dict], list[dict]]:
