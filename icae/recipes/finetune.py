@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.context_as_text:  # the full-context baseline: a fresh LoRA reading the context as text
         from icae.core.text_context import as_text_context_model
 
+        if config.decoder_mode == "frozen":  # the decoder must read with the LoRA it trains: the one adapter
+            config.decoder_mode = "shared"
         model = as_text_context_model(plumbing.build_model(config, args, tokenizer, model_args.attn_implementation))
     else:
         model = plumbing.build_model(config, args, tokenizer, model_args.attn_implementation, model_args.restore_from)
