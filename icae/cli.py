@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from icae.errors import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, Preempted, UserError, disk_full_reason
+from icae.quiet import quiet, verbose_requested
 
 _PACKAGE = Path(__file__).resolve().parent
 _default_formatwarning = warnings.formatwarning
@@ -57,7 +58,8 @@ def _close_progress_bars() -> None:
 def usage() -> str:
     lines = ["usage: icae COMMAND [flags...]   (icae COMMAND --help for its flags)", "", "commands:"]
     lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "global flag: --debug  show full tracebacks"]
+    lines += ["", "global flags: --debug    show full tracebacks (and all that --verbose shows)",
+              "              --verbose  show dependencies' warnings, log lines and loading bars (or ICAE_VERBOSE=1)"]
     return "\n".join(lines)
 
 
@@ -66,6 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    verbose = "--verbose" in argv
+    if verbose:
+        argv.remove("--verbose")
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         sys.exit(0)
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:
         warnings.formatwarning = _formatwarning
     try:
-        _run(command, rest, debug)
+        with quiet(enabled=not (debug or verbose or verbose_requested())):  # icae/quiet.py
+            _run(command, rest, debug)
     finally:
         warnings.formatwarning = previous  # for callers that run main() in-process
 

@@ -65,6 +65,9 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF file through transformers, dequantized to float32, and save it as a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    from icae.quiet import quiet_loaded_libraries
+
+    quiet_loaded_libraries()
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     # dequantize=True: dense nn.Linear weights even where a packed-GGUF kernel is installed.
@@ -259,6 +262,9 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_
     """The causal LM behind `name_or_path`, in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    from icae.quiet import quiet_loaded_libraries
+
+    quiet_loaded_libraries()  # no "Loading weights" bar unless --verbose (icae/quiet.py)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     resolved = resolve_model(name_or_path)
     try:
