@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from icae.errors import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, Preempted, UserError, disk_full_reason
-from icae.quiet import quiet, verbose_requested
+from icae.core.quiet import quiet, verbose_requested
 
 _PACKAGE = Path(__file__).resolve().parent
 _default_formatwarning = warnings.formatwarning
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     if not debug:
         warnings.formatwarning = _formatwarning
     try:
-        with quiet(enabled=not (debug or verbose or verbose_requested())):  # icae/quiet.py
+        with quiet(enabled=not (debug or verbose or verbose_requested())):  # icae/core/quiet.py
             _run(command, rest, debug)
     finally:
         warnings.formatwarning = previous  # for callers that run main() in-process

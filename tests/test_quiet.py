@@ -56,7 +56,7 @@ def test_errors_are_one_line_and_debug_shows_the_traceback(checkpoint):
 
 
 def test_icae_verbose_is_read_from_the_environment(monkeypatch):
-    from icae.quiet import verbose_requested
+    from icae.core.quiet import verbose_requested
 
     for value, expected in [("1", True), ("yes", True), ("0", False), ("", False)]:
         monkeypatch.setenv("ICAE_VERBOSE", value)

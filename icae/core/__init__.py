@@ -11,4 +11,5 @@
 - model.py       ICAE: encoder and decoder on one base model, save and load
 - inference.py   compress / reconstruct / generate: the decode loop
 - memory.py      Memory: what compress returns and reconstruct/generate read, and its file
+- quiet.py       quiet by default: dependencies' warnings, log lines and loading bars hidden unless --verbose
 """

@@ -65,7 +65,7 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Load a GGUF file through transformers, dequantized to float32, and save it as a plain HF folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    from icae.quiet import quiet_loaded_libraries
+    from icae.core.quiet import quiet_loaded_libraries
 
     quiet_loaded_libraries()
     folder, name = str(gguf_path.parent), gguf_path.name
@@ -262,9 +262,9 @@ def load_base_model(name_or_path: str, dtype: torch.dtype = torch.float32, attn_
     """The causal LM behind `name_or_path`, in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    from icae.quiet import quiet_loaded_libraries
+    from icae.core.quiet import quiet_loaded_libraries
 
-    quiet_loaded_libraries()  # no "Loading weights" bar unless --verbose (icae/quiet.py)
+    quiet_loaded_libraries()  # no "Loading weights" bar unless --verbose (icae/core/quiet.py)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     resolved = resolve_model(name_or_path)
     try:

@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # icae/
 # read by transformers and datasets when imported (also in worker processes, which inherit them)
 _ENV = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "DATASETS_VERBOSITY": "error"}
 _active: list[list] = []  # while quiet: undo actions of the libraries quieted so far
