@@ -293,3 +293,19 @@ def test_memory_breakdown_selective_does_not_help_the_fused_path(breakdown):
     result to drop, so over the fused path it holds more than no checkpointing (issue 17 measured 960 vs 873 MiB)."""
     runs, _ = breakdown
     assert runs["fused", "off"]["held_after_forward"] < runs["fused", "selective"]["held_after_forward"]
+
+
+def test_bf16_benchmark_smoke(tmp_path):
+    """benchmarks/bf16.py end to end on the tiny model: every arithmetic gets a step time and a ratio to fp32,
+    and the fp32 row's ratio is exactly 1 (each step compared with itself)."""
+    out = tmp_path / "bf16.json"
+    script = SCRIPT.parent / "bf16.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--parts", "step", "--settings", "grid",
+                           "--threads", "1", "--rounds", "2", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arithmetic"] for r in rows] == ["fp32", "bf16-autocast", "bf16"]
+    assert rows[0]["cpu_ratio_to_fp32"] == 1.0 and all(r["step_cpu_s"] > 0 for r in rows)
+    assert all(r["env"]["cpu"] and "bf16_flags" in r["env"] for r in rows)
+    assert "| grid | bf16 | 1 |" in out.with_suffix(".md").read_text()

@@ -26,7 +26,7 @@ from icae.core import inference
 from icae.core.checkpointing import check_policy, checkpoint_contexts
 from icae.core.collate import IGNORE, NUM_SPECIAL, Collator, token_id_layout
 from icae.core.config import ICAEConfig, resolve_checkpoint, shipped_checkpoints
-from icae.core.lora import use_fused_lora
+from icae.core.lora import use_bulk_dropout, use_fused_lora
 from icae.core.losses import check_output_head, output_head
 from icae.errors import UserError
 
@@ -96,6 +96,7 @@ class ICAE(nn.Module):
             self.lm.add_adapter(DECODER_ADAPTER, self.lora_config)
         for name, p in self.lm.named_parameters():
             p.requires_grad_("lora_" in name)  # both adapters train; add_adapter may have frozen one
+        use_bulk_dropout(self.lm)  # PEFT's dropout, its masks 2.5x cheaper (icae.core.lora)
 
         # Rows 0..m-1: memory tokens; then [AE], [LM], [FT]. Drawn from the statistics of the embeddings
         # as the embedding module outputs them (Gemma scales by sqrt(hidden)), so the new tokens start
@@ -380,13 +381,21 @@ class ICAE(nn.Module):
         return inference.generate(self, memory, prompt=prompt, **kwargs)
 
 
-def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto") -> ICAE:
-    """An ICAE from a checkpoint folder or a shipped checkpoint's name, on the GPU when there is one, in eval mode."""
+def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto",
+                    dtype: str = "float32") -> ICAE:
+    """An ICAE from a checkpoint folder or a shipped checkpoint's name, on the GPU when there is one, in eval mode;
+    `dtype` "auto" is bf16 where it is fast (icae.core.precision), "float32" or "bfloat16"."""
+    from icae.core.precision import resolve_dtype, use_fp32_attention
+
     if not resolve_checkpoint(checkpoint).is_dir():
         shipped = ", ".join(shipped_checkpoints()) or "none installed"
         raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain` "
                         f"or the name of a shipped checkpoint ({shipped})")
-    model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval()
+    dtype = resolve_dtype(dtype, device)  # refused before anything loads where bf16 is emulated
+    model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
+    model = model.to(device, dtype).eval()
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        use_fp32_attention(model.base)
+    return model

@@ -326,6 +326,8 @@ def main(argv: list[str]) -> int:
                    help="results JSON (default: CHECKPOINT/eval_results.json, or CHECKPOINT/qa_eval_results.json)")
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 on a GPU or a CPU with bf16 instructions (amx_bf16 / avx512_bf16), else float32")
     p.add_argument("--sources", default=",".join(QA_SOURCES),
                    help=f"--task qa: the rows to compute, comma-separated (default: all of {','.join(QA_SOURCES)})")
     p.add_argument("--wrong_contexts", action="store_true",
@@ -339,7 +341,7 @@ def main(argv: list[str]) -> int:
 
     args.eval_file = args.eval_file or "builtin:python-docs"
     texts = load_eval_texts(args.eval_file)
-    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
     length = args.model_max_length
     if length is None:
         trained = model.training_info.get("model_max_length")
@@ -375,7 +377,7 @@ def main_qa(args) -> int:
         records = records[:args.limit]
     if args.wrong_contexts:
         records = with_wrong_contexts(records)
-    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+    model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
     length = args.max_context_length
     if length is None:
         trained = model.training_info.get("max_context_length")

@@ -35,6 +35,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
                    + (f" (default: {shipped[0]})" if shipped else ""))
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto: bfloat16 on a GPU or a CPU with bf16 instructions (amx_bf16 / avx512_bf16), else float32")
     p.add_argument("--batch_size", type=int, default=8)
     if command == "compress":
         source = p.add_mutually_exclusive_group(required=True)
@@ -102,7 +104,7 @@ def main(argv: list[str], command: str = "compress") -> int:
             from icae.data.texts import load_texts
 
             texts = load_texts(args.file)
-        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
         memory = compress(model, texts, batch_size=args.batch_size)
         memory.save(args.output)
         print(f"compressed {len(texts)} texts ({sum(memory.text_lengths)} tokens) into {memory.num_slots} slots: "
@@ -112,11 +114,11 @@ def main(argv: list[str], command: str = "compress") -> int:
         raise UserError(f"icae {command} reads either a slots file or --context FILE: give one of them")
     if args.context is not None:
         texts = _read_contexts(args.context)  # checked before the model loads
-        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
         memory = compress(model, texts, batch_size=args.batch_size)
     else:
         memory = Memory.load(args.slots)
-        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device)
+        model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
     if command == "reconstruct":
         _print_texts(reconstruct(model, memory, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
                      args.json)

@@ -1,0 +1,262 @@
+#!/usr/bin/env python
+"""bf16 against fp32 on this CPU: train steps of three recipes, decoding and compression.
+
+    python benchmarks/bf16.py                       # everything, 1 and 2 threads (~25 min on 2 cores)
+    python benchmarks/bf16.py --parts step --settings grid --threads 1 --rounds 4
+    python benchmarks/bf16.py --smoke --output /tmp/b.json   # tiny random model, seconds (tests)
+
+Arithmetics (what the commands do):
+  fp32            fp32 weights, no autocast
+  bf16-autocast   fp32 weights under torch.autocast(cpu, bf16): `--bf16 True` before this benchmark
+  bf16            `--bf16 True` now: frozen weights stored in bf16, fp32 LoRA/memory master weights,
+                  autocast, attention in fp32 SDPA (icae.core.precision)
+  bf16-compile    bf16 with the step's forward under torch.compile (only with --compile)
+
+Train steps: each setting runs in a fresh process that builds one model per arithmetic and alternates their
+steps for --rounds rounds (order reversed every other round), so the ratios compare steps seconds apart on a
+shared machine. Reported: median process CPU seconds and wall seconds per step, and the ratio to fp32.
+Decoding: the shipped checkpoint reconstructs a held-out 64-token paragraph from its 16 slots (greedy, KV
+cache) in fp32 and bf16, ms per token; with --busy a second process spins on one core meanwhile. Compression:
+text tokens per second of `compress` over 32 paragraphs. Every record names the CPU and its bf16 flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {
+    # the seed grid's recipe on the CPU: 8 x 32-token texts -> 8 slots, EPL, shared decoder, LoRA r32 all-linear
+    "grid": dict(batch=8, length=32, mem=8, layout="epl", decoder="shared", r=32, alpha=64, targets="all-linear"),
+    # the seed's setting: 512 tokens -> 128 slots, batch 1, EPL, shared decoder, LoRA r128 all-linear
+    "seed": dict(batch=1, length=512, mem=128, layout="epl", decoder="shared", r=128, alpha=32, targets="all-linear"),
+    # ICAE v2's: 512 -> 128, batch 1, default layout, frozen decoder, LoRA r128 on q,v
+    "v2": dict(batch=1, length=512, mem=128, layout="default", decoder="frozen", r=128, alpha=32, targets=""),
+}
+ARITHMETICS = ("fp32", "bf16-autocast", "bf16")
+
+
+def environment() -> dict:
+    import torch
+
+    from icae.core.precision import cpu_bf16_flags, cpu_model_name
+
+    return {"cpu": cpu_model_name(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "loadavg_1m": os.getloadavg()[0]}
+
+
+# ----------------------------------------------------------------------------- train steps (worker)
+
+def build(setting: dict, arithmetic: str, smoke: bool):
+    import torch
+
+    from icae.core.base_model import load_base_model
+    from icae.core.collate import collate
+    from icae.core.config import ICAEConfig
+    from icae.core.examples import ae_example
+    from icae.core.model import ICAE
+    from icae.core.precision import use_fp32_attention
+    from icae.testing import tiny_base_model
+
+    bf16_weights = arithmetic in ("bf16", "bf16-compile")
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    base = tiny_base_model("llama").to(dtype) if smoke else load_base_model("smollm2-135m", dtype=dtype)
+    if bf16_weights:
+        use_fp32_attention(base)
+    cfg = ICAEConfig(fixed_mem_size=setting["mem"], mean_compression_rate=4, position_layout=setting["layout"],
+                     decoder_mode=setting["decoder"], lora_r=setting["r"], lora_alpha=setting["alpha"],
+                     lora_target_modules=setting["targets"])
+    torch.manual_seed(0)
+    model = ICAE(cfg, base_model=base).train()
+    vocab = base.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(1)
+    texts = [torch.randint(3, vocab, (setting["length"],), generator=g).tolist() for _ in range(setting["batch"])]
+    batch = collate([ae_example(t, 0) for t in texts], cfg.position_layout, cfg.fixed_mem_size, 4, vocab)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    autocast = arithmetic != "fp32"
+    forward = torch.compile(model) if arithmetic == "bf16-compile" else model
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = forward(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def step_worker(name: str, arithmetics: list[str], rounds: int, smoke: bool) -> dict:
+    steps = {a: build(SETTINGS[name], a, smoke) for a in arithmetics}
+    first_loss = {a: steps[a]() for a in arithmetics}  # warm-up (compiles, pages in weights)
+    for a in arithmetics:
+        steps[a]()
+    cpu = {a: [] for a in arithmetics}
+    wall = {a: [] for a in arithmetics}
+    for r in range(rounds):
+        for a in (arithmetics if r % 2 == 0 else arithmetics[::-1]):
+            t, c = time.perf_counter(), time.process_time()
+            steps[a]()
+            wall[a].append(time.perf_counter() - t)
+            cpu[a].append(time.process_time() - c)
+    rows = []
+    for a in arithmetics:
+        rows.append({
+            "part": "step", "setting": name, "arithmetic": a, **SETTINGS[name], "rounds": rounds,
+            "step_cpu_s": statistics.median(cpu[a]), "step_wall_s": statistics.median(wall[a]),
+            "cpu_ratio_to_fp32": statistics.median(x / y for x, y in zip(cpu[a], cpu["fp32"])),
+            "wall_ratio_to_fp32": statistics.median(x / y for x, y in zip(wall[a], wall["fp32"])),
+            "first_step_loss": first_loss[a], "step_cpu_all": cpu[a],
+        })
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------- decoding and compression (worker)
+
+def decode_worker(smoke: bool, rounds: int) -> dict:
+    import torch
+
+    from icae.core.inference import generate_ids
+    from icae.core.model import load_checkpoint
+    from icae.data.texts import builtin_eval_texts
+
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        if smoke:
+            from icae.core.config import ICAEConfig
+            from icae.core.model import ICAE
+            from icae.core.precision import use_fp32_attention
+            from icae.testing import byte_tokenizer, tiny_base_model
+
+            torch.manual_seed(0)
+            model = ICAE(ICAEConfig(fixed_mem_size=4, lora_r=4), tiny_base_model("llama"), byte_tokenizer()).eval()
+            if dtype == "bfloat16":
+                model = model.to(torch.bfloat16)
+                use_fp32_attention(model.base)
+        else:
+            model = load_checkpoint("smollm2-135m-icae", device="cpu", dtype=dtype)
+        models[dtype] = model
+    tokenizer = models["float32"].tokenizer  # held-out 64-token paragraphs, as `icae demo` shows one
+    rows_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in builtin_eval_texts())
+    paragraphs = [ids[:64] for ids in rows_ids if len(ids) >= 64][:32]
+    ref = paragraphs[0]
+    rows = []
+    timings = {d: {"decode": [], "compress": []} for d in models}
+    for r in range(rounds):
+        for dtype in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            model = models[dtype]
+            with torch.no_grad():
+                t = time.perf_counter()
+                memory = model.compress(paragraphs, batch_size=8)
+                timings[dtype]["compress"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                out = generate_ids(model, memory[:1], task="ae", max_new_tokens=64)
+                timings[dtype]["decode"].append((time.perf_counter() - t) / max(1, len(out[0])))
+    for dtype, model in models.items():
+        with torch.no_grad():
+            outs = generate_ids(model, model.compress(paragraphs[:8]), task="ae", max_new_tokens=68)
+        same = statistics.mean(sum(a == b for a, b in zip(o, ids)) / len(ids) for o, ids in zip(outs, paragraphs))
+        n_tokens = sum(map(len, paragraphs))
+        rows.append({"part": "decode", "dtype": dtype, "rounds": rounds,
+                     "decode_ms_per_token": 1000 * statistics.median(timings[dtype]["decode"]),
+                     "compress_text_tokens_per_s": n_tokens / statistics.median(timings[dtype]["compress"]),
+                     "reconstruction_token_accuracy": same})
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def run_worker(argv: list[str], threads: int, busy: bool, timeout: int) -> dict:
+    """One worker in a fresh process with `threads` torch threads; with `busy`, a spinning process beside it."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", *argv], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        if spinner:
+            spinner.kill()
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line[len("BENCH_RESULT "):])
+            for row in result["rows"]:
+                row.update(threads=threads, busy=busy, env=result["env"])
+            return result
+    raise RuntimeError(f"worker {argv} failed:\n{proc.stderr[-3000:]}")
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| setting | arithmetic | threads | step CPU s | step wall s | CPU ratio to fp32 | wall ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["part"] == "step":
+            lines.append(f"| {r['setting']} | {r['arithmetic']} | {r['threads']} | {r['step_cpu_s']:.2f} | "
+                         f"{r['step_wall_s']:.2f} | **{r['cpu_ratio_to_fp32']:.2f}** | {r['wall_ratio_to_fp32']:.2f} |")
+    lines += ["", "| dtype | threads | other process busy | decode ms/token | compress text tokens/s | "
+              "reconstruction token accuracy |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if r["part"] == "decode":
+            lines.append(f"| {r['dtype']} | {r['threads']} | {'yes' if r['busy'] else 'no'} | "
+                         f"{r['decode_ms_per_token']:.1f} | {r['compress_text_tokens_per_s']:.0f} | "
+                         f"{r['reconstruction_token_accuracy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="step,decode")
+    p.add_argument("--settings", default="grid,seed,v2")
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="also time bf16 under torch.compile")
+    p.add_argument("--smoke", action="store_true", help="tiny random model (for tests)")
+    p.add_argument("--output", default="benchmarks/results/bf16-cpu.json")
+    p.add_argument("--timeout", type=int, default=3000)
+    p.add_argument("--worker", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker is not None:  # inside a fresh process
+        kind, *rest = args.worker
+        result = (step_worker(rest[0], rest[1].split(","), args.rounds, args.smoke) if kind == "step"
+                  else decode_worker(args.smoke, args.rounds))
+        result["env"] = environment()
+        print("BENCH_RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    arithmetics = list(ARITHMETICS) + (["bf16-compile"] if args.compile else [])
+    common = ["--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
+    rows = []
+    parts = args.parts.split(",")
+    for threads in [int(t) for t in args.threads.split(",")]:
+        if "step" in parts:
+            for name in args.settings.split(","):
+                print(f"step: {name}, {threads} thread(s) ...", flush=True)
+                rows += run_worker(["step", name, ",".join(arithmetics), *common], threads, False, args.timeout)["rows"]
+        if "decode" in parts:
+            for busy in (False, True):
+                print(f"decode: {threads} thread(s), busy={busy} ...", flush=True)
+                rows += run_worker(["decode", *common], threads, busy, args.timeout)["rows"]
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"schema": "icae-bf16-benchmark/1", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "rows": rows}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    env = rows[0]["env"] if rows else {}
+    md = (f"# bf16 against fp32 on {env.get('cpu')} (bf16 flags: {', '.join(env.get('bf16_flags', [])) or 'none'})\n\n"
+          f"`{record['command']}`, {record['date']}; load average at the start of each worker in the JSON.\n\n"
+          + table(rows))
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
