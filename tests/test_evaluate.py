@@ -103,14 +103,17 @@ def test_evaluate_on_memorised_texts(memorised):
     assert short["ae_loss"] != results["ae_loss"]
 
 
-def test_builtin_eval_split_is_what_pretrain_holds_out(monkeypatch):
+def test_builtin_eval_split_is_what_pretrain_holds_out(monkeypatch, tmp_path):
+    import json
+
     import icae.data.texts
     from icae.recipes.pretrain import DataArguments, load_splits
 
     corpus = [f"text {i}" for i in range(1445)]
-    monkeypatch.setattr(icae.data.texts, "load_texts", lambda source, min_chars=0: corpus)
+    monkeypatch.setattr(icae.data.texts, "builtin_python_docs", lambda: corpus)
     assert load_eval_texts("builtin:python-docs") == corpus[:72] == load_splits(DataArguments())[1]
-    assert load_eval_texts("some_file.json") == corpus
+    (tmp_path / "some_file.json").write_text(json.dumps(corpus))
+    assert load_eval_texts(str(tmp_path / "some_file.json")) == corpus  # a file is the eval set as it is
 
 
 # ----------------------------------------------------------------------------- icae eval

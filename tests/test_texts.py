@@ -178,13 +178,3 @@ def test_pretrain_splits_print_sizes_and_keep_an_explicit_eval_size(tmp_path, ca
     train, evaluation = load_splits(DataArguments(train_file=str(path), eval_size=30))
     assert (len(train), len(evaluation)) == (70, 30)
 
-
-def test_the_builtin_eval_split_is_what_pretrain_holds_out():
-    """Its first 5% (72 of about 1,450 texts), the same texts `icae pretrain` evaluates on by default."""
-    from icae.data.texts import builtin_eval_texts
-    from icae.recipes.pretrain import DataArguments, load_splits
-
-    texts = builtin_python_docs()
-    held_out = builtin_eval_texts()
-    assert held_out == texts[: round(0.05 * len(texts))]
-    assert held_out == load_splits(DataArguments())[1]
