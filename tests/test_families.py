@@ -6,7 +6,10 @@ weights), so a family whose forward post-processes logits (Granite's logits_scal
 scales its embeddings (Gemma) or lacks PEFT's default LoRA targets (phi3, granite, olmo2) is caught here.
 """
 
+import json
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -20,7 +23,7 @@ from icae.core.losses import output_head
 from icae.core.model import ICAE
 from icae.core.qa_examples import FTExampleConfig, answer_ids, ft_example, prompt_part_ids
 from icae.recipes.evaluate import evaluate
-from icae.testing import FAMILIES, embedded_tokenizer, tiny_base_model
+from icae.testing import FAMILIES, embedded_tokenizer, save_tiny_model, tiny_base_model
 
 M, R = 4, 4
 TEXTS = ["The quick brown fox jumps over the lazy dog near the river bank.", "Tiny models, quick tests."]
@@ -178,3 +181,21 @@ def test_reconstruct_eval_and_finetune_run(family, tokenizer, default_models):
     with torch.no_grad():
         answers = model.generate(model.compress(TEXTS[:1]), prompt=["What jumps?", "Where?"], max_new_tokens=3)
     assert len(answers) == 2
+
+
+def test_the_cli_trains_a_family_peft_has_no_lora_targets_for(tmp_path, tokenizer):
+    """The issue's crash (phi3 with the default --lora_target_modules ''), as a user runs it: the targets
+    chosen by structure are printed, and the run ends with a checkpoint."""
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model = save_tiny_model(tmp_path / "phi3", "phi3", tokenizer=tokenizer, vocab_size=len(tokenizer),
+                            special_ids=special)
+    texts = [f"{TEXTS[0]} Sentence number {i} ends here." for i in range(6)]
+    (tmp_path / "train.json").write_text(json.dumps(texts[2:]))
+    (tmp_path / "eval.json").write_text(json.dumps(texts[:2]))
+    out = tmp_path / "run"
+    argv = (f"pretrain --model_name_or_path {model} --train_file {tmp_path}/train.json --eval_file {tmp_path}/eval.json "
+            f"--output_dir {out} --max_steps 1 --fixed_mem_size {M} --lora_r 4 --report_to none").split()
+    proc = subprocess.run([sys.executable, "-m", "icae", *argv], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LoRA targets for phi3 (PEFT has no default): qkv_proj" in proc.stderr
+    assert json.loads((out / "icae_config.json").read_text())["lora_config"]["target_modules"] == ["qkv_proj"]
