@@ -1,0 +1,402 @@
+#!/usr/bin/env python
+"""Is it worth using? Answers from memory slots against what a user would do instead, at equal budget (issue 32).
+
+Six sources answer the same held-out questions of `builtin:python-docs-qa-long` (or any PwC-format file),
+greedily, after the same prompt part (icae.core.qa_examples: the chat template's user turn):
+
+  memory_slots            the compressor fine-tuned on the set (`icae finetune`) reads [slots, [FT], prompt]
+  full_context_finetuned  the same base model + LoRA rank fine-tuned on the same questions and steps reading
+                          [BOS, context, prompt] as text (`icae finetune --context_as_text True`)
+  full_context_base       the base model (no LoRA) reads [BOS, context, prompt]
+  truncated               the full-context fine-tuned model reads the context's first tokens, as many as the
+                          slots are (n_segments * m: ~1/r of the context)
+  llmlingua               the full-context fine-tuned model reads the context compressed by LLMLingua
+                          (icae.core.prompt_compression; question-agnostic, aiming at 1/r of its tokens)
+  no_context              the base model reads [BOS?, prompt]
+
+Each context is read once and its questions answered from a copy of its KV cache (compress/prefill once,
+answer k): `answer_after_prefix` gives the same tokens as `icae eval --task qa`'s rows (tests/test_qa_vs_alternatives.py).
+Cost per answer, measured on each context: decoder context tokens (slots, kept or full context tokens), the
+KV cache's bytes at the end of the answer (read off the cache), and CPU seconds (one thread; wall seconds on
+a shared machine are mostly waiting) for k=1 (compression/prefill + one answer) and k=5 (compression/prefill
+once, five answers). LLMLingua's cost includes its scoring-model pass (the try kept), ICAE's the encoder pass.
+
+    # 1. LLMLingua's compressed contexts (cached as JSONL; question-agnostic, so once per context)
+    python benchmarks/qa_vs_alternatives.py llmlingua --contexts 12 --output runs/qa-long/llmlingua.jsonl
+    # 2. answers and costs, per context and source (appends; a rerun skips what is done)
+    python benchmarks/qa_vs_alternatives.py answer --checkpoint runs/qa-long/memory_slots \\
+        --text_checkpoint runs/qa-long/full_context_finetuned --llmlingua runs/qa-long/llmlingua.jsonl \\
+        --contexts 12 --output runs/qa-long/answers.jsonl
+    # 3. results.json, the table and the plot
+    python benchmarks/qa_vs_alternatives.py report --answers runs/qa-long/answers.jsonl \\
+        --output_dir docs/results/qa-vs-alternatives
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+SOURCES = ("memory_slots", "full_context_finetuned", "full_context_base", "truncated", "llmlingua", "no_context")
+TEXT_SOURCES = ("full_context_finetuned", "truncated", "llmlingua")  # read by --text_checkpoint's LoRA
+BASE_SOURCES = ("full_context_base", "no_context")  # the base model: any checkpoint's, LoRA off
+K = 5
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def eval_contexts(source: str, contexts: int | None) -> list[tuple[str, list[dict]]]:
+    """(context, its records) of the eval split, in order of first appearance; the first `contexts` of them."""
+    from icae.recipes.evaluate import load_eval_records
+
+    grouped: dict[str, list[dict]] = {}
+    for r in load_eval_records(source):
+        grouped.setdefault(r["input"], []).append(r)
+    items = list(grouped.items())
+    return items[:contexts] if contexts else items
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def cpu_clock() -> float:
+    return time.thread_time()  # one thread does the work (OMP_NUM_THREADS=1): its CPU time
+
+
+# ----------------------------------------------------------------------------- decoding after a shared prefix
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+@torch.no_grad()
+def answer_after_prefix(model, prefix: torch.Tensor | None, prefix_positions: list[int], prompts: list[list[int]],
+                        prompt_positions: list[list[int]], adapter: str, max_new_tokens: int = 64) -> dict:
+    """Greedy answers to several prompts after one prefix (embeddings), read once into a KV cache that each
+    answer starts from a copy of. The same tokens `_decode_batch` gives for [prefix, prompt] rows.
+    Returns {"answers": ids per prompt (no EOS), "prefix_seconds", "answer_seconds": per prompt (CPU),
+    "kv_cache_bytes" and "kv_tokens": per prompt, the cache at the end of its answer}."""
+    from transformers import DynamicCache
+
+    from icae.core.inference import eos_token_id
+
+    eos = eos_token_id(model)
+    head = model.base.get_output_embeddings()
+    device = model.device
+    start = cpu_clock()
+    cache = DynamicCache(config=model.base.config)
+    n_prefix = 0
+    if prefix is not None and len(prefix_positions):
+        n_prefix = len(prefix_positions)
+        model.decoder_hidden(prefix[None].to(device), torch.ones(1, n_prefix, dtype=torch.long, device=device),
+                             torch.tensor([prefix_positions], device=device), past_key_values=cache, use_cache=True,
+                             adapter=adapter)
+    prefix_seconds = cpu_clock() - start
+    out = {"answers": [], "prefix_seconds": prefix_seconds, "answer_seconds": [], "kv_cache_bytes": [],
+           "kv_tokens": []}
+    for prompt, positions in zip(prompts, prompt_positions):
+        start = cpu_clock()
+        run = copy.deepcopy(cache)
+        inputs = model.embed(torch.tensor([prompt], device=device))
+        pos = torch.tensor([positions], device=device)
+        seen = n_prefix + len(prompt)
+        tokens: list[int] = []
+        next_position = positions[-1] + 1
+        for step in range(max_new_tokens):
+            mask = torch.ones(1, seen, dtype=torch.long, device=device)
+            hidden = model.decoder_hidden(inputs, mask, pos, past_key_values=run, use_cache=True, adapter=adapter)
+            token = int(head(hidden.last_hidden_state[:, -1]).float().argmax(-1))
+            if token == eos:
+                break
+            tokens.append(token)
+            inputs = model.embed(torch.tensor([[token]], device=device))
+            pos = torch.tensor([[next_position + step]], device=device)
+            seen += 1
+        out["answers"].append(tokens)
+        out["answer_seconds"].append(cpu_clock() - start)
+        out["kv_cache_bytes"].append(_cache_bytes(run))
+        out["kv_tokens"].append(run.get_seq_length())
+    return out
+
+
+def _autocast(enabled: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def answer_context(model, source: str, context_ids: list[int], prompts: list[list[int]], max_new_tokens: int = 64,
+                   llmlingua_ids: list[int] | None = None, llmlingua_seconds: float = 0.0) -> dict:
+    """One source's answers to the questions about one context, with what it cost."""
+    from icae.core.inference import compress, eval_mode
+    from icae.core.positions import decoder_positions
+    from icae.core.collate import special_token_id
+    from icae.core.text_context import start_id
+
+    c = model.config
+    m, r = c.fixed_mem_size, c.mean_compression_rate
+    n_slots = math.ceil(len(context_ids) / (m * r)) * m
+    bos = start_id(model)
+    lora = model._decoder_state()
+    compress_seconds = 0.0
+    with eval_mode(model):
+        if source == "memory_slots":
+            start = cpu_clock()
+            memory = compress(model, [context_ids])
+            compress_seconds = cpu_clock() - start
+            slots = memory.slots[0]
+            ft = model.embed(torch.tensor([special_token_id("ft", c.vocab_size, m)], device=model.device))
+            prefix = torch.cat([slots.to(ft.dtype), ft])
+            positions = [decoder_positions(c.position_layout, len(context_ids), m, r, "ft", len(p)) for p in prompts]
+            split = slots.shape[0] + 1
+            result = answer_after_prefix(model, prefix, positions[0][:split], prompts, [p[split:] for p in positions],
+                                         lora, max_new_tokens)
+            budget = slots.shape[0]
+        else:
+            if source in ("full_context_finetuned", "full_context_base"):
+                kept = list(context_ids)
+            elif source == "truncated":
+                kept = list(context_ids[:n_slots])
+            elif source == "llmlingua":
+                kept, compress_seconds = list(llmlingua_ids), llmlingua_seconds
+            elif source == "no_context":
+                kept = []
+            else:
+                raise ValueError(f"unknown source {source!r}")
+            adapter = "disabled" if source in BASE_SOURCES else lora
+            if source == "no_context":
+                row = [] if prompts and prompts[0] and prompts[0][0] == bos else [bos]
+            else:
+                row = [bos] + kept
+            prefix = model.embed(torch.tensor(row, device=model.device)) if row else None
+            result = answer_after_prefix(model, prefix, list(range(len(row))), prompts,
+                                         [list(range(len(row), len(row) + len(p))) for p in prompts], adapter,
+                                         max_new_tokens)
+            budget = len(kept)
+    result.update(compress_seconds=compress_seconds, decoder_context_tokens=budget, context_tokens=len(context_ids))
+    return result
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def run_llmlingua(args) -> int:
+    from icae.core.base_model import load_tokenizer
+    from icae.core.prompt_compression import llmlingua_compress, llmlingua_compressor
+
+    out = Path(args.output)
+    done = {row["context"] for row in read_jsonl(out)}
+    todo = [(ctx, recs) for ctx, recs in eval_contexts(args.eval_file, args.contexts) if ctx not in done]
+    if not todo:
+        print(f"{out}: every context is compressed already")
+        return 0
+    compressor = llmlingua_compressor(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    for ctx, _ in todo:
+        context_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
+        text = tokenizer.decode(context_ids)
+        m, r = args.fixed_mem_size, args.rate
+        rate = math.ceil(len(context_ids) / (m * r)) * m / len(context_ids)  # the slots' budget, as a share
+        with _autocast(False):
+            found = llmlingua_compress(compressor, [text], rate=rate, tries=args.tries)[0]
+        append_jsonl(out, {"context": ctx, "rate_target": rate, **found})
+        print(f"llmlingua: {found['tokens']} -> {found['kept_tokens']} tokens ({found['ratio']:.3f}; target "
+              f"{rate:.3f}) in {found['seconds']:.1f} s CPU", flush=True)
+    return 0
+
+
+def run_answers(args) -> int:
+    from icae.core.model import load_checkpoint
+    from icae.core.precision import fast_dtype
+    from icae.core.qa_examples import answer_ids, prompt_part_ids
+
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        sys.exit(f"error: unknown source(s) {unknown}; choose from {', '.join(SOURCES)}")
+    out = Path(args.output)
+    done = {(row["source"], row["context"]) for row in read_jsonl(out)}
+    lingua = {row["context"]: row for row in read_jsonl(Path(args.llmlingua))} if args.llmlingua else {}
+    contexts = eval_contexts(args.eval_file, args.contexts)
+    by_checkpoint = defaultdict(list)
+    for source in sources:
+        ckpt = args.checkpoint if source == "memory_slots" else (
+            args.text_checkpoint if source in TEXT_SOURCES else (args.base_checkpoint or args.checkpoint))
+        if not ckpt:
+            sys.exit(f"error: {source} needs --checkpoint / --text_checkpoint")
+        by_checkpoint[ckpt].append(source)
+    bf16 = args.dtype == "bf16" or (args.dtype == "auto" and fast_dtype("cpu") == torch.bfloat16)
+    for ckpt, ckpt_sources in by_checkpoint.items():
+        model = load_checkpoint(ckpt, device="cpu")
+        tok = model.tokenizer
+        for ctx, records in contexts:
+            context_ids = tok(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
+            prompts = [prompt_part_ids(tok, r["prompt"]) for r in records]
+            references = [tok.decode(answer_ids(tok, r["answer"]), skip_special_tokens=True) for r in records]
+            for source in ckpt_sources:
+                if (source, ctx) in done:
+                    continue
+                extra = {}
+                if source == "llmlingua":
+                    if ctx not in lingua:
+                        print(f"skip llmlingua for a context not in {args.llmlingua}", file=sys.stderr)
+                        continue
+                    extra = {"llmlingua_ids": tok(lingua[ctx]["text"], add_special_tokens=False)["input_ids"],
+                             "llmlingua_seconds": lingua[ctx]["seconds"]}
+                wall = time.perf_counter()
+                with _autocast(bf16):
+                    result = answer_context(model, source, context_ids, prompts, args.max_new_tokens, **extra)
+                answers = [a.strip() for a in tok.batch_decode(result.pop("answers"), skip_special_tokens=True)]
+                append_jsonl(out, {"source": source, "context": ctx, "checkpoint": str(ckpt),
+                                   "dtype": "bf16" if bf16 else "fp32", "prompts": [r["prompt"] for r in records],
+                                   "references": references, "answers": answers, **result,
+                                   "wall_seconds": time.perf_counter() - wall})
+                print(f"{source}: {len(records)} answers, {result['decoder_context_tokens']} context tokens, "
+                      f"{time.perf_counter() - wall:.1f} s wall", flush=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def summarize(rows: list[dict], k: int = K) -> dict:
+    """Per source: the scores over every answer, and the mean cost per answer (k=1 and k=5) over contexts."""
+    from icae.core import metrics
+
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_source[row["source"]].append(row)
+    common = set.intersection(*({row["context"] for row in group} for group in by_source.values())) if by_source else set()
+    out = []
+    for source in [s for s in SOURCES if s in by_source] + sorted(set(by_source) - set(SOURCES)):
+        group = [row for row in by_source[source] if row["context"] in common]
+        hyps = [a for row in group for a in row["answers"]]
+        refs = [a for row in group for a in row["references"]]
+        scores = metrics.qa_scores(hyps, refs)
+        k1, kk, k1_4x, kk_4x = [], [], [], []
+        for row in group:
+            fixed = row["compress_seconds"] + row["prefix_seconds"]
+            answers = row["answer_seconds"]
+            k1 += [fixed + a for a in answers]
+            n = min(k, len(answers))
+            kk.append((fixed + sum(answers[:n])) / n)
+            # 4x longer contexts, by formula: compression and prefill grow linearly with the context (attention's
+            # quadratic share is small at these lengths and ignored), each answer's own cost is kept
+            k1_4x += [4 * fixed + a for a in answers]
+            kk_4x.append((4 * fixed + sum(answers[:n])) / n)
+        kv = [b for row in group for b in row["kv_cache_bytes"]]
+        budget = statistics.mean(row["decoder_context_tokens"] for row in group)
+        context = statistics.mean(row["context_tokens"] for row in group)
+        out.append({
+            "source": source,
+            "exact_match": scores["exact_match"], "token_f1": scores["token_f1"], "rouge_l": scores["rougeL"],
+            "decoder_context_tokens": budget, "kv_cache_bytes": statistics.mean(kv),
+            "seconds_per_answer_k1": statistics.mean(k1), "seconds_per_answer_k5": statistics.mean(kk),
+            "num_questions": len(hyps), "num_contexts": len(group), "context_tokens": context,
+            "at_4x_context": {"decoder_context_tokens": 4 * budget,
+                              "kv_cache_bytes": statistics.mean(kv) + 3 * budget * _bytes_per_token(group),
+                              "seconds_per_answer_k1": statistics.mean(k1_4x),
+                              "seconds_per_answer_k5": statistics.mean(kk_4x)},
+            "dtype": group[0]["dtype"],
+        })
+    return {"rows": out, "contexts": len(common), "questions": out[0]["num_questions"] if out else 0}
+
+
+def _bytes_per_token(group: list[dict]) -> float:
+    """KV-cache bytes per cached token, read off the rows' caches."""
+    return sum(sum(row["kv_cache_bytes"]) for row in group) / max(1, sum(sum(row["kv_tokens"]) for row in group))
+
+
+def markdown_table(summary: dict) -> str:
+    head = ("| source | exact match | token F1 | ROUGE-L | decoder context tokens | KV cache at answer end | "
+            "s/answer k=1 | s/answer k=5 |")
+    lines = [head, "| --- |" + " ---: |" * 7]
+    for row in summary["rows"]:
+        lines.append(f"| {row['source']} | {row['exact_match']:.3f} | {row['token_f1']:.3f} | {row['rouge_l']:.3f} | "
+                     f"{row['decoder_context_tokens']:.0f} | {row['kv_cache_bytes'] / 2**20:.1f} MiB | "
+                     f"{row['seconds_per_answer_k1']:.2f} | {row['seconds_per_answer_k5']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for row in summary["rows"]:
+        ax.scatter(row["decoder_context_tokens"], row["token_f1"], s=40)
+        ax.annotate(row["source"], (row["decoder_context_tokens"], row["token_f1"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("decoder context budget (tokens or slots the decoder reads for the context)")
+    ax.set_ylabel("token F1")
+    ax.set_title(f"Held-out questions: {summary['questions']} about {summary['contexts']} contexts", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_report(args) -> int:
+    rows = read_jsonl(Path(args.answers))
+    summary = summarize(rows)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(markdown_table(summary) + "\n")
+    plot(summary, out / "f1_vs_budget.png")
+    print(markdown_table(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="step", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--eval_file", default="builtin:python-docs-qa-long")
+    common.add_argument("--contexts", type=int, default=None, help="the first N eval contexts (default: all)")
+    common.add_argument("--max_context_length", type=int, default=1280)
+    q = sub.add_parser("llmlingua", parents=[common])
+    q.add_argument("--output", required=True)
+    q.add_argument("--model_name_or_path", default="smollm2-135m")
+    q.add_argument("--fixed_mem_size", type=int, default=8, help="m of the compressor compared with")
+    q.add_argument("--rate", type=int, default=4, help="r of the compressor compared with")
+    q.add_argument("--tries", type=int, default=3)
+    a = sub.add_parser("answer", parents=[common])
+    a.add_argument("--checkpoint", default=None, help="the memory-slots checkpoint (icae finetune)")
+    a.add_argument("--text_checkpoint", default=None, help="the full-context one (icae finetune --context_as_text)")
+    a.add_argument("--base_checkpoint", default=None, help="any checkpoint of the base model (LoRA off); "
+                   "default: --checkpoint")
+    a.add_argument("--llmlingua", default=None, help="the llmlingua step's JSONL")
+    a.add_argument("--sources", default=",".join(SOURCES))
+    a.add_argument("--max_new_tokens", type=int, default=64)
+    a.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the CPU has bf16 instructions (the fast dtype)")
+    a.add_argument("--output", required=True)
+    r = sub.add_parser("report")
+    r.add_argument("--answers", required=True)
+    r.add_argument("--output_dir", required=True)
+    args = p.parse_args(argv)
+    return {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report}[args.step](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""benchmarks/qa_vs_alternatives.py on tiny models: each source's answers after a shared prefix are those of
+`icae eval --task qa` (and of the full-context model's own decoding), the costs add up, the report is written;
+icae.core.prompt_compression's substitutes for LLMLingua (its own test skips without the package)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from icae.core.text_context import start_id, text_answers
+from icae.recipes.evaluate import qa_answers, qa_triples
+from test_finetune import answer_records, answering  # noqa: F401  (the fixture: a tiny model trained to answer)
+from test_inference import one_thread  # noqa: F401
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "qa_vs_alternatives.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("qa_vs_alternatives", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _by_context(triples):
+    grouped = {}
+    for c, p, _ in triples:
+        grouped.setdefault(tuple(c), []).append(p)
+    return grouped
+
+
+def test_each_source_answers_as_eval_qa_does(bench, answering):  # noqa: F811
+    model = answering
+    triples = qa_triples(model, answer_records(), 5120)
+    grouped = _by_context(triples)
+    got = {s: [] for s in bench.SOURCES if s != "llmlingua"}
+    for context, prompts in grouped.items():
+        for source in got:
+            result = bench.answer_context(model, source, list(context), prompts, max_new_tokens=6)
+            got[source] += result["answers"]
+            assert len(result["kv_cache_bytes"]) == len(prompts) and all(b > 0 for b in result["kv_cache_bytes"])
+            if source == "memory_slots":
+                assert result["compress_seconds"] > 0 and result["decoder_context_tokens"] == 8 * 1  # one segment
+    assert got["memory_slots"] == qa_answers(model, triples, "memory", max_new_tokens=6)
+    assert got["full_context_base"] == qa_answers(model, triples, "full_context", max_new_tokens=6)
+    assert got["no_context"] == qa_answers(model, triples, "no_context", max_new_tokens=6)
+    bos = start_id(model)
+    rows = [[bos] + list(c) + list(p) for c, p, _ in triples]
+    assert got["full_context_finetuned"] == text_answers(model, rows, max_new_tokens=6)
+    m = model.config.fixed_mem_size
+    truncated = [[bos] + list(c)[:m] + list(p) for c, p, _ in triples]  # the slots' count of the context's tokens
+    assert got["truncated"] == text_answers(model, truncated, max_new_tokens=6)
+    assert got["full_context_finetuned"] != got["full_context_base"]  # the LoRA is read: the rows differ
+
+
+def test_llmlingua_source_reads_the_compressed_ids(bench, answering):  # noqa: F811
+    context, prompt = [70, 71, 72, 73, 74, 75], [80, 81]
+    result = bench.answer_context(answering, "llmlingua", context, [prompt], max_new_tokens=4,
+                                  llmlingua_ids=[71, 73], llmlingua_seconds=1.5)
+    assert result["decoder_context_tokens"] == 2 and result["compress_seconds"] == 1.5
+    assert result["answers"] == text_answers(answering, [[start_id(answering), 71, 73, 80, 81]], max_new_tokens=4)
+
+
+def _row(source, context, answers, budget, fixed=(1.0, 0.5), answer_s=0.1):
+    n = len(answers)
+    return {"source": source, "context": context, "answers": answers, "references": ["a b"] * n,
+            "prompts": ["q"] * n, "compress_seconds": fixed[0], "prefix_seconds": fixed[1],
+            "answer_seconds": [answer_s] * n, "kv_cache_bytes": [1000] * n, "kv_tokens": [10] * n,
+            "decoder_context_tokens": budget, "context_tokens": 40, "dtype": "bf16"}
+
+
+def test_summary_costs_and_report(bench, tmp_path):
+    rows = [_row("memory_slots", "c1", ["a b"] * 5, 10), _row("memory_slots", "c2", ["x"] * 5, 10),
+            _row("no_context", "c1", ["a"] * 5, 0, fixed=(0.0, 0.0)), _row("no_context", "c2", ["a"] * 5, 0, (0.0, 0.0)),
+            _row("no_context", "c3", ["a"] * 5, 0)]  # c3 has no memory row: left out of every row
+    summary = bench.summarize(rows)
+    assert summary["contexts"] == 2 and summary["questions"] == 10
+    mem, none = summary["rows"]
+    assert mem["source"] == "memory_slots" and mem["exact_match"] == 0.5 and none["exact_match"] == 0.0
+    assert mem["seconds_per_answer_k1"] == pytest.approx(1.5 + 0.1)  # compression + prefill + one answer
+    assert mem["seconds_per_answer_k5"] == pytest.approx((1.5 + 5 * 0.1) / 5)  # compressed once, five answers
+    assert mem["at_4x_context"]["seconds_per_answer_k1"] == pytest.approx(4 * 1.5 + 0.1)
+    assert mem["at_4x_context"]["kv_cache_bytes"] == pytest.approx(1000 + 3 * 10 * 100)  # 100 bytes a token
+    assert none["seconds_per_answer_k5"] == pytest.approx(0.1)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.main(["report", "--answers", str(answers), "--output_dir", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["source"] for r in written["rows"]] == ["memory_slots", "no_context"]
+    assert set(written["rows"][0]) >= {"source", "exact_match", "token_f1", "rouge_l", "decoder_context_tokens",
+                                       "kv_cache_bytes", "seconds_per_answer_k1", "seconds_per_answer_k5"}
+    assert (tmp_path / "out" / "f1_vs_budget.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "table.md").read_text().startswith("| source |")
+
+
+# ----------------------------------------------------------------------------- LLMLingua's substitutes
+
+
+def test_cache_pairs_round_trip_and_the_wrapped_model_matches(answering):  # noqa: F811
+    from icae.core.prompt_compression import PairCacheModel, TokenizerEncoding, cache_to_pairs, pairs_to_cache
+
+    tok = answering.tokenizer
+    enc = TokenizerEncoding(tok)
+    assert enc.decode(enc.encode("the cat sat")) == "the cat sat"
+    base = answering.base
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), answering._adapter("disabled"):
+        full = base(input_ids=ids, use_cache=True)
+        wrapped = PairCacheModel(base)
+        first = wrapped(ids[:, :3], attention_mask=torch.ones(1, 3, dtype=torch.long), use_cache=True)
+        assert isinstance(first.past_key_values, list) and len(first.past_key_values) == base.config.num_hidden_layers
+        pairs = [(k[:, :, :3], v[:, :, :3]) for k, v in first.past_key_values]  # sliced, as LLMLingua does
+        second = wrapped(ids[:, 3:], attention_mask=torch.ones(1, 5, dtype=torch.long), past_key_values=pairs,
+                         use_cache=True)
+    assert torch.allclose(second.logits, full.logits[:, 3:], atol=1e-5)
+    assert [t.shape for t in cache_to_pairs(pairs_to_cache(pairs))[0]] == [t.shape for t in pairs[0]]
+
+
+def test_llmlingua_compresses_offline_with_a_local_model(tmp_path):
+    pytest.importorskip("llmlingua")
+    from icae.core.prompt_compression import llmlingua_compress, llmlingua_compressor
+    from icae.testing import byte_tokenizer, save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny", tokenizer=byte_tokenizer())
+    compressor = llmlingua_compressor(folder)
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    out = llmlingua_compress(compressor, [text], rate=0.3, tries=2)[0]
+    assert out["tokens"] == len(byte_tokenizer()(text, add_special_tokens=False)["input_ids"])
+    assert 0 < out["kept_tokens"] < out["tokens"] and out["seconds"] > 0
+    assert out["ratio"] == pytest.approx(out["kept_tokens"] / out["tokens"])
