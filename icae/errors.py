@@ -46,3 +46,34 @@ def disk_full_reason(err: BaseException) -> str | None:
                 return os.strerror(code)
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def check_output_path(path, flag: str, folder: bool = False):
+    """Refuse, before any expensive work, an output path that cannot be written: the file (`folder`:
+    the folder) itself is of the other kind, a parent is a file, or the nearest existing folder does not
+    take new files (a probe file is made there and removed). Returns the path. Nothing is created."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file to write")
+    if path.is_file():
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{flag} {path} is not writable; choose another {flag}")
+        return path
+    nearest = path if folder else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent  # (a path through a file does not "exist")
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {path}: {nearest} is a file, not a folder; choose another {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=nearest, prefix=".icae-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot write in {nearest} ({err.strerror}); choose another {flag}") from None
+    return path

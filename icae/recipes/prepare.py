@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from icae.errors import UserError
+from icae.errors import UserError, check_output_path
 
 MINI, TINY = 256_000, 25_600
 FORMATS = ("json", "jsonl", "parquet")
@@ -35,6 +35,7 @@ FORMATS = ("json", "jsonl", "parquet")
 
 def _write_json(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)  # the output folder, once there is something to write
     tmp.write_text(json.dumps(data, ensure_ascii=False))
     tmp.replace(path)  # atomic: a killed run never leaves half a file that a re-run would skip
 
@@ -46,13 +47,19 @@ class RowWriter:
     def __init__(self, path: Path, fmt: str, objects: bool = True):
         self.path, self.fmt, self.objects, self.rows = path, fmt, objects or fmt == "jsonl", 0
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        self.file = self.tmp.open("w", encoding="utf-8") if fmt != "parquet" else None
+        self.file = None  # opened at the first row: a source that fails before it leaves no folder or file
         self.batch: list[str] = []
         self.parquet = None
-        if fmt == "json":
-            self.file.write("[")
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.fmt != "parquet" and self.file is None:
+            self.file = self.tmp.open("w", encoding="utf-8")
+            if self.fmt == "json":
+                self.file.write("[")
 
     def write(self, text: str) -> None:
+        self._open()
         if self.fmt == "parquet":
             self.batch.append(text)
             if len(self.batch) == 10_000:
@@ -73,6 +80,7 @@ class RowWriter:
         self.batch.clear()
 
     def close(self) -> None:
+        self._open()
         if self.fmt == "parquet":
             if self.batch or self.parquet is None:
                 self._flush()
@@ -125,7 +133,6 @@ def prepare(source: str, output_dir: str | Path, split: str = "train", column: s
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)} (got {fmt!r})")
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     long_path = out / f"long_text.{fmt}"
     if long_path.is_file() and not force:
         n = _count(long_path)
@@ -202,7 +209,6 @@ def prepare_pwc(source: str, output_dir: str | Path, split: str = "train", max_d
     from icae.data.stream import is_hub_dataset
 
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     all_path = out / "pwc_records.json"
     if all_path.is_file() and not force:
         records = json.loads(all_path.read_text())
@@ -250,6 +256,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.eval_size < 0 or args.max_chars < 1 or args.min_chars < 0:
         raise UserError("--eval_size and --min_chars must not be negative, --max_chars must be positive")
+    check_output_path(args.output_dir, "--output_dir", folder=True)
     if args.dataset == "pwc":
         counts = prepare_pwc(args.source or PWC_HUB, args.output_dir, args.split, args.max_docs, args.eval_size,
                              args.force)

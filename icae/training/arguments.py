@@ -70,6 +70,7 @@ class ICAETrainingArguments(TrainingArguments):
     prediction_loss_only: bool = field(default=True)
 
     def __post_init__(self):
+        check_training_values(self)
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if self.gradient_checkpointing_policy is not None:  # the policy decides; a contradicting switch is an error
@@ -92,6 +93,34 @@ class ICAETrainingArguments(TrainingArguments):
             check_bf16("--bf16 True", "cpu")
             self.use_cpu = True  # what Trainer asks for before it autocasts on a CPU
         super().__post_init__()
+
+
+# (flag, smallest value, whether the smallest is allowed): checked before anything loads. None is "not given".
+_LIMITS = (("per_device_train_batch_size", 1, True), ("per_device_eval_batch_size", 1, True),
+           ("gradient_accumulation_steps", 1, True), ("learning_rate", 0, False), ("memory_learning_rate", 0, False),
+           ("warmup_steps", 0, True), ("warmup_ratio", 0, True), ("weight_decay", 0, True), ("max_grad_norm", 0, True),
+           ("adam_epsilon", 0, False), ("adam_beta1", 0, True), ("adam_beta2", 0, True),
+           ("dataloader_num_workers", 0, True), ("save_total_limit", 1, True), ("logging_steps", 0, False),
+           ("save_steps", 0, False), ("eval_steps", 0, False))
+
+
+def check_training_values(args) -> None:
+    """The Trainer flags' values, each a finite number in its range: a batch size 0 or a NaN learning rate
+    would otherwise fail (or silently train nothing) after the model has loaded."""
+    import math
+
+    for name, low, inclusive in _LIMITS:
+        value = getattr(args, name, None)
+        if value is None or isinstance(value, str):
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise UserError(f"--{name} must be {'at least' if inclusive else 'greater than'} {low} (got {value})")
+    for name in ("adam_beta1", "adam_beta2", "warmup_ratio"):
+        if getattr(args, name, None) is not None and getattr(args, name) > 1:
+            raise UserError(f"--{name} must be between 0 and 1 (got {getattr(args, name)})")
+    if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise UserError(f"--num_train_epochs must be a finite number greater than 0 (got {args.num_train_epochs}), "
+                        "or pass --max_steps")
 
 
 def parse_args(argv: list[str], types: tuple, prog: str) -> tuple:

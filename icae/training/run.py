@@ -27,7 +27,7 @@ import torch
 
 from icae.core.config import ICAEConfig
 from icae.core.precision import use_fp32_attention
-from icae.errors import UserError
+from icae.errors import UserError, check_output_path
 from icae.training.arguments import ICAETrainingArguments, cuda_available
 
 REPORT_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
@@ -72,8 +72,7 @@ def resolve_output_dir(args: ICAETrainingArguments) -> Path | None:
     from icae.training.trainer import is_complete_checkpoint, last_complete_checkpoint
 
     out = Path(args.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
+    check_output_path(out, "--output_dir", folder=True)  # a file, a parent that is a file, not writable
     if args.should_save:  # a live run writing there: refuse before reading its checkpoints
         check_output_dir(out)
     if args.resume_from_checkpoint not in (None, "", "False", "false"):
@@ -324,9 +323,11 @@ def run(trainer_class, model, args: ICAETrainingArguments, train_set, eval_set, 
     from icae.training.trainer import MetricsFileCallback
 
     evaluate = eval_set is not None and len(eval_set) > 0
-    trainer = trainer_class(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set if evaluate else None,
-                            data_collator=model.collator, callbacks=[MetricsFileCallback()])
+    trainer = None
     try:
+        trainer = trainer_class(model=model, args=args, train_dataset=train_set,
+                                eval_dataset=eval_set if evaluate else None, data_collator=model.collator,
+                                callbacks=[MetricsFileCallback()])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         trainer.save_model(args.output_dir)
         if evaluate:
@@ -336,6 +337,12 @@ def run(trainer_class, model, args: ICAETrainingArguments, train_set, eval_set, 
 
             if wandb.run is not None:
                 wandb.finish()
+    except BaseException:
+        if resume is None and args.should_save and (trainer is None or trainer.state.global_step == 0):
+            # a failed start (a bad batch size, a bad line in a stream): what record_run wrote would make the
+            # corrected rerun refuse the folder as "not empty"
+            (Path(args.output_dir) / "run_config.json").unlink(missing_ok=True)
+        raise
     finally:
         release_output_dir(args.output_dir)
     return 0
