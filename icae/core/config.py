@@ -24,11 +24,22 @@ def shipped_checkpoints() -> list[str]:
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
-    """A checkpoint folder, or the name of a shipped checkpoint (a folder of that name wins)."""
+    """A checkpoint folder, or the name of a shipped checkpoint (a local checkpoint folder of that name wins;
+    a folder without icae_config.json, e.g. one a command made for its results, does not)."""
     path = Path(name_or_path)
-    if path.is_dir() or str(name_or_path) not in shipped_checkpoints():
+    if (path / CONFIG_NAME).is_file() or str(name_or_path) not in shipped_checkpoints():
         return path
     return SHIPPED_DIR / str(name_or_path)
+
+
+def results_path(checkpoint: str | Path, name: str) -> Path:
+    """Where a command writes `name` (e.g. eval_results.json) about a checkpoint by default: in its folder, or
+    for a shipped checkpoint named without a path, a file NAME-<name> here (never a folder of the checkpoint's
+    name, which would stand in for it)."""
+    folder = resolve_checkpoint(checkpoint)
+    if folder.resolve().parent == SHIPPED_DIR.resolve():
+        return Path(f"{folder.name}-{name}")
+    return folder / name
 
 
 @dataclass

@@ -38,7 +38,8 @@ import torch
 
 from icae.core import metrics
 from icae.core.collate import IGNORE, collate
-from icae.errors import UserError
+from icae.errors import UserError, check_output_path
+from icae.core.config import ICAEConfig, results_path
 from icae.core.examples import ae_example
 from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, generate_plain_ids, token_ids
 from icae.core.losses import output_head
@@ -336,6 +337,12 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit must be at least 1 (got {args.limit})")
+    for flag, low in (("batch_size", 1), ("max_new_tokens", 1), ("model_max_length", 2), ("max_context_length", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:  # before anything loads
+            raise UserError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
+    ICAEConfig.load(args.checkpoint)  # a checkpoint at all (cheap), before the output path its name may give
+    args.output = check_output_path(args.output or results_path(
+        args.checkpoint, "qa_eval_results.json" if args.task == "qa" else "eval_results.json"), "--output")
     if args.task == "qa":
         return main_qa(args)
 
@@ -354,7 +361,7 @@ def main(argv: list[str]) -> int:
     )
     results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file, **results,
                "config": model.config.to_dict()}
-    output = Path(args.output) if args.output else Path(args.checkpoint) / "eval_results.json"
+    output = args.output
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['num_texts']} texts from {args.eval_file}, checkpoint {args.checkpoint}")
@@ -385,11 +392,12 @@ def main_qa(args) -> int:
         print(f"--max_context_length {length} ("
               + ("the checkpoint's fine-tuning length" if trained else "the checkpoint records none") + ")")
     results = evaluate_qa(model, records, max_context_length=length,
-                          max_new_tokens=args.max_new_tokens or 64, batch_size=args.batch_size, sources=sources)
+                          max_new_tokens=64 if args.max_new_tokens is None else args.max_new_tokens,
+                          batch_size=args.batch_size, sources=sources)
     results = {"checkpoint": str(args.checkpoint), "eval_file": args.eval_file,
                "wrong_contexts": args.wrong_contexts, **results,
                "config": model.config.to_dict()}
-    output = Path(args.output) if args.output else Path(args.checkpoint) / "qa_eval_results.json"
+    output = args.output
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"{results['num_examples']} questions about {results['num_contexts']} contexts from {args.eval_file}, "

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from icae.core.config import resolve_checkpoint
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -48,6 +50,26 @@ def lower_rank(model, rank: int):
     return smaller.eval()
 
 
+def check_target(source: Path, out: Path) -> None:
+    """An export never writes into its source checkpoint, nor into a non-empty folder that is not an earlier
+    export of the same checkpoint (which it replaces)."""
+    from icae.core.config import CONFIG_NAME
+    from icae.errors import UserError, check_output_path
+
+    check_output_path(out, "--output", folder=True)
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        raise UserError(f"--output {out} is inside the checkpoint {source} it exports; choose another --output")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = json.loads((out / CONFIG_NAME).read_text()).get("training", {}).get("exported_from")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier is None or Path(earlier).resolve() != source.resolve():
+        raise UserError(f"--output {out} is not empty and is not an earlier export of {source}; choose another "
+                        "--output, or remove it first")
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="icae export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint folder to export")
@@ -57,14 +79,25 @@ def main(argv: list[str]) -> int:
     p.add_argument("--eval_texts", type=int, default=0, help="evaluate the exported weights on N held-out texts")
     p.add_argument("--eval_file", default="builtin:python-docs")
     args = p.parse_args(argv)
+    from icae.core.config import ICAEConfig
     from icae.core.model import ICAE, load_checkpoint
     from icae.errors import UserError
 
     if args.eval_texts < 0:
         raise UserError(f"--eval_texts must not be negative (got {args.eval_texts})")
     source = Path(args.checkpoint)
+    check_target(resolve_checkpoint(source), Path(args.output))  # before anything loads
+    saved, _ = ICAEConfig.load(source)
+    if args.lora_rank is not None and not 1 <= args.lora_rank < saved.lora_r:
+        raise UserError(f"--lora_rank must be between 1 and the checkpoint's rank {saved.lora_r} - 1 "
+                        f"(got {args.lora_rank})")
+    if args.eval_texts:
+        from icae.recipes.evaluate import load_eval_texts
+
+        eval_texts = load_eval_texts(args.eval_file)
     model = load_checkpoint(args.checkpoint, device="cpu")
     info = dict(model.training_info)
+    info.pop("held_out_metrics", None)  # the source's, if it is an export itself: measured on other weights
     state = source / "trainer_state.json"
     if state.is_file():
         info["steps"] = json.loads(state.read_text()).get("global_step")
@@ -72,20 +105,16 @@ def main(argv: list[str]) -> int:
     out = Path(args.output)
     model.training_info = info
     if args.lora_rank is not None:
-        if not 1 <= args.lora_rank < model.config.lora_r:
-            raise UserError(f"--lora_rank must be between 1 and the checkpoint's rank {model.config.lora_r} - 1 "
-                            f"(got {args.lora_rank})")
         info["lora_rank_before_export"] = model.config.lora_r
         model = lower_rank(model, args.lora_rank)
         model.training_info = info
     model.save_pretrained(out, dtype=DTYPES[args.dtype], save_tokenizer=False)
     if args.eval_texts:
-        from icae.recipes.evaluate import evaluate, load_eval_texts
+        from icae.recipes.evaluate import evaluate
 
         exported = ICAE.from_pretrained(out).eval()  # the weights as shipped, after the dtype round trip
         length = int(info.get("model_max_length") or 512)
-        results = evaluate(exported, load_eval_texts(args.eval_file), limit=args.eval_texts, model_max_length=length,
-                           batch_size=16)
+        results = evaluate(exported, eval_texts, limit=args.eval_texts, model_max_length=length, batch_size=16)
         keys = ("num_texts", "model_max_length", "ae_loss", "token_accuracy", "exact_match", "bleu")
         info["held_out_metrics"] = {k: results[k] for k in keys}
         exported.training_info = info
