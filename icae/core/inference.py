@@ -96,7 +96,7 @@ def compress(model, texts, batch_size: int = 8) -> Memory:
             out = model.encode(**{k: v.to(model.device) for k, v in batch.items()})
             slots += [s.flatten(0, 1) for s in out.split(num_segments)]
     lengths = [len(row) for row in ids]
-    return Memory(slots, lengths, c.to_dict())
+    return Memory(slots, lengths, c.to_dict(), fingerprint=getattr(model, "fingerprint", None))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -108,6 +108,7 @@ def _check_memory(model, memory: Memory) -> None:
         raise UserError(f"expected the Memory that compress returns (or Memory.load(FILE)), got "
                         f"{type(memory).__name__}")
     memory.check_fits(model.config)
+    memory.check_weights(getattr(model, "fingerprint", None))
     c = model.config
     m, r = c.fixed_mem_size, c.mean_compression_rate
     for i, (slots, n) in enumerate(zip(memory.slots, memory.text_lengths)):
@@ -186,6 +187,20 @@ def _decode_batch(model, prefixes, max_new_tokens, eos, sampling, generator, use
     return out
 
 
+def _within_context(limit: int, room: int, context: int) -> int:
+    """`limit` new tokens, or as many as the `room` left in a context of `context` positions (with a warning)."""
+    import warnings
+
+    if room < 1 and limit > 0:
+        raise UserError(f"the slots and prompt fill all {context} positions of the model's context: no room for "
+                        "a single new token; use a shorter prompt or text")
+    if limit > room:
+        warnings.warn(f"max_new_tokens {limit} capped at {room}: the model's context ends at position {context}",
+                      stacklevel=2)
+        return room
+    return limit
+
+
 def generate_ids(
     model,
     memory: Memory,
@@ -213,7 +228,7 @@ def generate_ids(
         raise UserError(f"top_p must be in (0, 1] and top_k at least 0 (got {top_p}, {top_k})")
     _check_memory(model, memory)
     lengths = memory.text_lengths
-    limits = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(memory)
+    limits = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * len(memory)
     if len(limits) != len(memory) or any(n < 0 for n in limits):
         raise UserError("max_new_tokens must be a non-negative number (or one per memory)")
     prompt_ids = prompt_ids or [[] for _ in memory]
@@ -227,6 +242,7 @@ def generate_ids(
     if do_sample and seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
     eos = eos_token_id(model)
+    context = getattr(model.base.config, "max_position_embeddings", None)
     out: list[list[int]] = []
     with eval_mode(model):
         for start, chunk in _batches(memory.slots, batch_size):
@@ -237,6 +253,8 @@ def generate_ids(
                 row = torch.cat([slots.to(model.device, embeds.dtype), embeds])
                 positions = decoder_positions(c.position_layout, lengths[i], m, r, task, len(prompt_ids[i]))
                 prefixes.append((row, positions))
+                if context:  # new tokens only up to the model's last position
+                    limits[i] = _within_context(limits[i], context - max(positions[-1] + 1, len(positions)), context)
             chunk_limits = limits[start : start + len(chunk)]
             steps = max(chunk_limits)
             tokens = _decode_batch(model, prefixes, steps, eos, sampling, generator, use_cache) if steps else []

@@ -5,11 +5,14 @@ One Memory holds the compressed form of a list of texts:
   text_lengths  per text, its token count L (the `epl` layouts place the decoder's positions by L,
                 which the slots alone do not tell; `default` needs only the slots)
   config        the ICAEConfig (as a dict) of the model that compressed them
+  fingerprint   a short hash of the checkpoint's weights file that made them (None: not known)
 Slots only mean something to a model with the same m, r, layout and hidden size: `check_fits`
-refuses the rest, and `reconstruct` / `generate` call it on every Memory they are given.
+refuses the rest, and `reconstruct` / `generate` call it on every Memory they are given; slots of a
+known fingerprint are refused by a checkpoint of another (same sizes, other weights: garbage out).
 
 On disk (`icae compress -o FILE`, `Memory.save`) a Memory is one safetensors file, format
-"icae-slots-v1": tensors `slots.<i>` and `text_lengths`, metadata `format` and `icae_config` (JSON).
+"icae-slots-v1": tensors `slots.<i>` and `text_lengths`, metadata `format`, `icae_config` (JSON) and `weights_fingerprint` (files written before it have none:
+read without that check).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Memory:
     text_lengths: list[int]
     config: dict
     source: str | None = field(default=None, repr=False, compare=False)  # the file it was read from, for messages
+    fingerprint: str | None = field(default=None, repr=False, compare=False)  # of the weights that made the slots
 
     def __post_init__(self):
         self.slots = list(self.slots)
@@ -85,6 +89,13 @@ class Memory:
             raise UserError(f"{self.source or 'this memory'} was compressed by another model ({detail}); use the "
                             "checkpoint it was made with")
 
+    def check_weights(self, fingerprint: str | None) -> None:
+        """Refuse slots made by other weights of the same sizes (both fingerprints known and different)."""
+        if self.fingerprint and fingerprint and self.fingerprint != fingerprint:
+            raise UserError(f"{self.source or 'this memory'} was compressed by other weights (fingerprint "
+                            f"{self.fingerprint}) than this checkpoint's ({fingerprint}); the same sizes and layout, "
+                            "but the slots mean nothing to it: use the checkpoint it was made with, or compress again")
+
     def save(self, path: str | Path) -> None:
         """One safetensors file: `slots.<i>` per text, `text_lengths`, and the config as metadata."""
         from safetensors.torch import save_file
@@ -92,6 +103,8 @@ class Memory:
         tensors = {f"slots.{i}": s.detach().cpu().contiguous() for i, s in enumerate(self.slots)}
         tensors["text_lengths"] = torch.tensor(self.text_lengths, dtype=torch.long)
         metadata = {"format": SLOTS_FORMAT, "icae_config": json.dumps(self.config)}
+        if self.fingerprint:
+            metadata["weights_fingerprint"] = self.fingerprint
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata=metadata)
 
@@ -113,4 +126,5 @@ class Memory:
             raise
         except Exception as err:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise UserError(f"cannot read {path} ({err}); make it again with `icae compress`") from None
-        return cls(slots, lengths, json.loads(metadata["icae_config"]), source=str(path))
+        return cls(slots, lengths, json.loads(metadata["icae_config"]), source=str(path),
+                   fingerprint=metadata.get("weights_fingerprint"))

@@ -76,6 +76,7 @@ class ICAE(nn.Module):
             tokenizer = tokenizer or load_tokenizer(config.model_name_or_path)
         self.tokenizer = tokenizer
         self.training_info: dict = {}  # how the weights were trained (model_max_length, command, ...), saved along
+        self.fingerprint: str | None = None  # of the weights file loaded by from_pretrained; recorded in slots files
         base_model.config.use_cache = False
         embeddings = base_model.get_input_embeddings().weight
         config.vocab_size, config.hidden_size = embeddings.shape
@@ -317,9 +318,7 @@ class ICAE(nn.Module):
     def load_trainable_weights(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
 
-        path = Path(directory) / WEIGHTS_NAME
-        if not path.is_file():
-            raise UserError(f"{directory} has no {WEIGHTS_NAME}: not a complete ICAE checkpoint")
+        path = weights_file(directory)
         state = load_file(str(path))
         own = dict(self.named_parameters())
         missing = [n for n, p in own.items() if p.requires_grad and n not in state]
@@ -340,6 +339,7 @@ class ICAE(nn.Module):
     ) -> "ICAE":
         directory = resolve_checkpoint(directory)
         config, data = ICAEConfig.load(directory)
+        weights_file(directory)  # a truncated or corrupt file is refused before the base model loads
         expected = (config.hidden_size, config.vocab_size)
         if model_name_or_path:
             config.model_name_or_path = model_name_or_path
@@ -355,6 +355,7 @@ class ICAE(nn.Module):
             )
         model.load_trainable_weights(directory)
         model.training_info = dict(data.get("training") or {})
+        model.fingerprint = file_fingerprint(weights_file(directory))
         return model
 
     def lora_target_names(self) -> list[str]:
@@ -379,6 +380,32 @@ class ICAE(nn.Module):
     def generate(self, memory, prompt=None, **kwargs):
         """Continuations of the compressed texts ([LM]), or answers to a prompt ([FT])."""
         return inference.generate(self, memory, prompt=prompt, **kwargs)
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """A short hash of a file's bytes (16 hex digits of SHA-256)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def weights_file(directory: str | Path) -> Path:
+    """The checkpoint's weights file, refused when it is missing, truncated or unreadable (only its header
+    is read): the one check wherever a checkpoint's weights load."""
+    from icae.core.base_model import safetensors_problem
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise UserError(f"{directory} has no {WEIGHTS_NAME}: not a complete ICAE checkpoint")
+    problem = safetensors_problem(path)
+    if problem:
+        raise UserError(f"{directory}: {path.name} is not a valid weights file: {problem}; use another checkpoint "
+                        "(or an earlier checkpoint-N of its run)")
+    return path
 
 
 def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto",

@@ -13,6 +13,7 @@ A hub dataset is read through `datasets.load_dataset(..., streaming=True)` by ev
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +25,14 @@ STREAM_EVAL_SIZE = 1000  # the seed's eval split; a stream's length is unknown, 
 
 
 def is_hub_dataset(source: str) -> bool:
-    """Not a local path nor the built-in corpus: a dataset name for `datasets.load_dataset`."""
-    return not source.startswith("builtin:") and not Path(source).expanduser().exists()
+    """Not a local path nor the built-in corpus: a dataset name for `datasets.load_dataset`. A name that looks
+    like a file (`x.jsonl`, `./x`, `a/b/c`: a file extension, or a path no hub id has) is a local path, missing
+    or not: "no such file" at once, not a hub lookup with network retries."""
+    if source.startswith("builtin:") or Path(source).expanduser().exists():
+        return False
+    looks_like_path = (source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1
+                       or re.fullmatch(r"\.[A-Za-z][A-Za-z0-9]{0,7}", Path(source).suffix) is not None)
+    return not looks_like_path
 
 
 def _hub_texts(name: str, split: str, column: str) -> Iterator[str]:

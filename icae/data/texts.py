@@ -42,10 +42,20 @@ def _decode(data: bytes, path: Path) -> str:
 
 
 def _open(path: Path):
+    """The file, opened for reading bytes; one in UTF-16 or UTF-32 (a byte-order mark, or NUL bytes between
+    ASCII characters) is refused: read as UTF-8 it would only fail later as "invalid JSON at line 1"."""
     try:
-        return path.open("rb")
+        f = path.open("rb")
     except OSError as err:
         raise UserError(f"cannot read {path} ({err.strerror}); check the path and its permissions") from None
+    head = f.read(4)
+    f.seek(0)
+    if head[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or (
+            len(head) == 4 and head.count(0) == 2 and (head[1] == head[3] == 0 or head[0] == head[2] == 0)):
+        f.close()
+        raise UserError(f"{path} is UTF-16 (or UTF-32) encoded; re-encode it as UTF-8, e.g. "
+                        f"iconv -f UTF-16 -t UTF-8 {path} > {path.stem}.utf8{path.suffix}")
+    return f
 
 
 def _check_not_blank(path: Path) -> None:

@@ -19,7 +19,7 @@ from icae.core.config import shipped_checkpoints
 from icae.core.inference import compress, generate, reconstruct
 from icae.core.memory import Memory
 from icae.core.model import load_checkpoint
-from icae.errors import UserError
+from icae.errors import UserError, check_output_path
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
@@ -91,11 +91,31 @@ def _read_contexts(source: str) -> list[str]:
     return [read_text_file(path)]
 
 
+def check_generate_task(checkpoint: str, prompts: list[str] | None) -> None:
+    """`--prompt` needs a checkpoint fine-tuned on the [FT] task (`icae finetune`): a pretrained one answers
+    with a blank line. Read from icae_config.json's training record, before anything loads; a checkpoint that
+    records no training is let through."""
+    from icae.core.config import ICAEConfig
+
+    if prompts is None:
+        return
+    if any(not p.strip() for p in prompts):
+        raise UserError("--prompt is empty: give a question or instruction about the text")
+    info = ICAEConfig.load(checkpoint)[1].get("training") or {}
+    if info and info.get("task") != "ft":
+        raise UserError(f"checkpoint {checkpoint} was pretrained only (no [FT] training), so it cannot answer "
+                        f"--prompt; fine-tune it first: icae finetune --restore_from {checkpoint} ... (icae reconstruct "
+                        "reads its slots as they are)")
+
+
 def main(argv: list[str], command: str = "compress") -> int:
     if command not in ("compress", "reconstruct", "generate"):
         raise ValueError(f"unknown command {command!r}")
     args = _parser(command).parse_args(argv)
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if command == "compress":
+        check_output_path(args.output, "--output")  # before the texts and the model load
         if args.text is not None:
             texts = [args.text]
         elif args.file == "-":
@@ -112,6 +132,10 @@ def main(argv: list[str], command: str = "compress") -> int:
         return 0
     if (args.slots is None) == (args.context is None):
         raise UserError(f"icae {command} reads either a slots file or --context FILE: give one of them")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1 (got {args.max_new_tokens})")
+    if command == "generate":
+        check_generate_task(args.checkpoint, args.prompt)
     if args.context is not None:
         texts = _read_contexts(args.context)  # checked before the model loads
         model = load_checkpoint(args.checkpoint, args.model_name_or_path, args.device, args.dtype)
