@@ -35,7 +35,6 @@ once, five answers). LLMLingua's cost includes its scoring-model pass (the try k
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -138,10 +137,6 @@ def answer_after_prefix(model, prefix: torch.Tensor | None, prefix_positions: li
     return out
 
 
-def _autocast(enabled: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
-
-
 def answer_context(model, source: str, context_ids: list[int], prompts: list[list[int]], max_new_tokens: int = 64,
                    llmlingua_ids: list[int] | None = None, llmlingua_seconds: float = 0.0) -> dict:
     """One source's answers to the questions about one context, with what it cost."""
@@ -207,16 +202,19 @@ def run_llmlingua(args) -> int:
     if not todo:
         print(f"{out}: every context is compressed already")
         return 0
-    compressor = llmlingua_compressor(args.model_name_or_path)
+    from icae.core.precision import fast_dtype
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" or (args.dtype == "auto" and fast_dtype("cpu") == torch.bfloat16) \
+        else torch.float32
+    compressor = llmlingua_compressor(args.model_name_or_path, dtype=dtype)
     tokenizer = load_tokenizer(args.model_name_or_path)
     for ctx, _ in todo:
         context_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
         text = tokenizer.decode(context_ids)
         m, r = args.fixed_mem_size, args.rate
         rate = math.ceil(len(context_ids) / (m * r)) * m / len(context_ids)  # the slots' budget, as a share
-        with _autocast(False):
-            found = llmlingua_compress(compressor, [text], rate=rate, tries=args.tries)[0]
-        append_jsonl(out, {"context": ctx, "rate_target": rate, **found})
+        found = llmlingua_compress(compressor, [text], rate=rate, tries=args.tries)[0]
+        append_jsonl(out, {"context": ctx, "rate_target": rate, "dtype": str(dtype).removeprefix("torch."), **found})
         print(f"llmlingua: {found['tokens']} -> {found['kept_tokens']} tokens ({found['ratio']:.3f}; target "
               f"{rate:.3f}) in {found['seconds']:.1f} s CPU", flush=True)
     return 0
@@ -244,7 +242,7 @@ def run_answers(args) -> int:
         by_checkpoint[ckpt].append(source)
     bf16 = args.dtype == "bf16" or (args.dtype == "auto" and fast_dtype("cpu") == torch.bfloat16)
     for ckpt, ckpt_sources in by_checkpoint.items():
-        model = load_checkpoint(ckpt, device="cpu")
+        model = load_checkpoint(ckpt, device="cpu", dtype="bfloat16" if bf16 else "float32")
         tok = model.tokenizer
         for ctx, records in contexts:
             context_ids = tok(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
@@ -261,8 +259,7 @@ def run_answers(args) -> int:
                     extra = {"llmlingua_ids": tok(lingua[ctx]["text"], add_special_tokens=False)["input_ids"],
                              "llmlingua_seconds": lingua[ctx]["seconds"]}
                 wall = time.perf_counter()
-                with _autocast(bf16):
-                    result = answer_context(model, source, context_ids, prompts, args.max_new_tokens, **extra)
+                result = answer_context(model, source, context_ids, prompts, args.max_new_tokens, **extra)
                 answers = [a.strip() for a in tok.batch_decode(result.pop("answers"), skip_special_tokens=True)]
                 append_jsonl(out, {"source": source, "context": ctx, "checkpoint": str(ckpt),
                                    "dtype": "bf16" if bf16 else "fp32", "prompts": [r["prompt"] for r in records],
@@ -270,6 +267,29 @@ def run_answers(args) -> int:
                                    "wall_seconds": time.perf_counter() - wall})
                 print(f"{source}: {len(records)} answers, {result['decoder_context_tokens']} context tokens, "
                       f"{time.perf_counter() - wall:.1f} s wall", flush=True)
+    return 0
+
+
+def run_dataset(args) -> int:
+    """The long set's size: questions, contexts, modules, context tokens, where the answers sit."""
+    from icae.core.base_model import load_tokenizer
+    from icae.data.qa import builtin_splits
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    out = {"source": args.eval_file, "python": sys.version.split()[0]}
+    for name, records in zip(("train", "eval"), builtin_splits(args.eval_file, with_keys=True)):
+        contexts = {r["context_id"]: r["input"] for r in records}
+        lengths = sorted(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in contexts.values())
+        positions = [r["answer_position"] for r in records]
+        out[name] = {"questions": len(records), "contexts": len(contexts), "modules": len({r["module"] for r in records}),
+                     "context_tokens": {"total": sum(lengths), "median": statistics.median(lengths), "min": lengths[0],
+                                        "max": lengths[-1]},
+                     "answers_per_context_quarter": [sum(q / 4 <= p < (q + 1) / 4 for p in positions) for q in range(4)]}
+    text = json.dumps(out, indent=2)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n")
+    print(text)
     return 0
 
 
@@ -380,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--fixed_mem_size", type=int, default=8, help="m of the compressor compared with")
     q.add_argument("--rate", type=int, default=4, help="r of the compressor compared with")
     q.add_argument("--tries", type=int, default=3)
+    q.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="the scoring model's dtype; auto: bf16 where the CPU has bf16 instructions")
     a = sub.add_parser("answer", parents=[common])
     a.add_argument("--checkpoint", default=None, help="the memory-slots checkpoint (icae finetune)")
     a.add_argument("--text_checkpoint", default=None, help="the full-context one (icae finetune --context_as_text)")
@@ -389,13 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--sources", default=",".join(SOURCES))
     a.add_argument("--max_new_tokens", type=int, default=64)
     a.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast where the CPU has bf16 instructions (the fast dtype)")
+                   help="auto: bf16 weights where the CPU has bf16 instructions (the fast dtype; load_checkpoint's "
+                   "dtype: attention in fp32)")
     a.add_argument("--output", required=True)
+    d = sub.add_parser("dataset", parents=[common])
+    d.add_argument("--model_name_or_path", default="smollm2-135m")
+    d.add_argument("--output", default=None)
     r = sub.add_parser("report")
     r.add_argument("--answers", required=True)
     r.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
-    return {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report}[args.step](args)
+    return {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report, "dataset": run_dataset}[args.step](args)
 
 
 if __name__ == "__main__":

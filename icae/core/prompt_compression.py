@@ -87,9 +87,10 @@ def _tiktoken_substitute(tokenizer):
         tiktoken.encoding_for_model = original
 
 
-def llmlingua_compressor(model_name_or_path: str = "smollm2-135m", device: str = "cpu"):
+def llmlingua_compressor(model_name_or_path: str = "smollm2-135m", device: str = "cpu",
+                         dtype: torch.dtype = torch.float32):
     """LLMLingua's `PromptCompressor` scoring with the base model (an alias, a .gguf or a local folder;
-    offline), with the two substitutes above in place."""
+    offline) in `dtype`, with the two substitutes above in place."""
     try:
         from llmlingua import PromptCompressor
     except ImportError:
@@ -100,7 +101,7 @@ def llmlingua_compressor(model_name_or_path: str = "smollm2-135m", device: str =
     folder = resolve_model(model_name_or_path)
     tokenizer = load_tokenizer(model_name_or_path)
     with _tiktoken_substitute(tokenizer):
-        compressor = PromptCompressor(model_name=folder, device_map=device, model_config={"trust_remote_code": False})
+        compressor = PromptCompressor(model_name=folder, device_map=device, model_config={"trust_remote_code": False, "torch_dtype": dtype})
     compressor.oai_tokenizer = TokenizerEncoding(compressor.tokenizer)
     compressor.model = PairCacheModel(compressor.model).eval()
     return compressor
