@@ -48,6 +48,9 @@ def disk_full_reason(err: BaseException) -> str | None:
     return None
 
 
+CHECKPOINT_FILES = ("icae_config.json", "icae_weights.safetensors")  # icae.core: CONFIG_NAME, WEIGHTS_NAME
+
+
 def check_output_path(path, flag: str, folder: bool = False):
     """Refuse, before any expensive work, an output path that cannot be written: the file (`folder`:
     the folder) itself is of the other kind, a parent is a file, or the nearest existing folder does not
@@ -62,6 +65,9 @@ def check_output_path(path, flag: str, folder: bool = False):
     if not folder and path.is_dir():
         raise UserError(f"{flag} {path} is a folder; name a file to write")
     if path.is_file():
+        if path.name in CHECKPOINT_FILES and (path.parent / CHECKPOINT_FILES[0]).is_file():
+            raise UserError(f"{flag} {path} is a file of the checkpoint in {path.parent}; writing there would destroy "
+                            f"the checkpoint: choose another {flag}")
         if not os.access(path, os.W_OK):
             raise UserError(f"{flag} {path} is not writable; choose another {flag}")
         return path

@@ -272,11 +272,24 @@ def test_a_truncated_weights_file_is_one_clean_error_everywhere(ws, tmp_path, ca
      r"--lora_rank must be between 1 and the checkpoint's rank 4 - 1 \(got 9\)"),
     ("export --checkpoint {ws}/ckpt --output {out}/e --eval_texts 2 --eval_file {ws}/no_such.json",
      r"no_such.json does not exist"),
+    # nothing lost: outputs onto a checkpoint's own files or the input
+    ("eval --checkpoint {ws}/ckpt --eval_file {ws}/eval.json --output {ws}/ckpt/icae_config.json",
+     r"--output .*ckpt/icae_config.json is a file of the checkpoint in .*ckpt; writing there would destroy"),
+    ("compress --checkpoint {ws}/ckpt --text hi -o {ws}/ckpt/icae_weights.safetensors",
+     r"--output .*icae_weights.safetensors is a file of the checkpoint"),
+    ("compress --checkpoint {ws}/ckpt --file {ws}/train.json -o {ws}/train.json",
+     r"--output .*train.json is the --file it compresses"),
+    (PRETRAIN.replace("--output_dir {out}", "--output_dir {ws}/ckpt") + " --restore_from {ws}/ckpt/ "
+     "--overwrite_output_dir", r"--overwrite_output_dir would delete --restore_from .*ckpt/?, which is inside "
+     r"--output_dir .*ckpt: choose another --output_dir"),
+    ("reconstruct --checkpoint {ws}/ckpt {ws}", r"is a folder; pass a slots file written by `icae compress -o FILE`"),
+    ("prepare --source {ws}/train.json --output_dir {out}/data --max_docs -1", r"--max_docs must be at least 1"),
 ])
 def test_bad_flags_of_the_newer_commands_fail_before_the_model_loads(ws, tmp_path, capsys, no_model, argv, message):
+    before = snapshot(ws)
     code, _, err = icae(argv, capsys, ws, tmp_path)
     one_error(code, err, message)
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and snapshot(ws) == before
 
 
 def test_a_huge_max_new_tokens_is_capped_at_the_context_with_a_warning(ws):

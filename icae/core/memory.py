@@ -113,6 +113,8 @@ class Memory:
         """A Memory from a file written by `save` or `icae compress`, its slots on the CPU."""
         from safetensors import safe_open
 
+        if Path(path).is_dir():
+            raise UserError(f"{path} is a folder; pass a slots file written by `icae compress -o FILE`")
         if not Path(path).is_file():
             raise UserError(f"{path} does not exist; make it with `icae compress ... -o {path}`")
         try:

@@ -256,6 +256,8 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.eval_size < 0 or args.max_chars < 1 or args.min_chars < 0:
         raise UserError("--eval_size and --min_chars must not be negative, --max_chars must be positive")
+    if args.max_docs is not None and args.max_docs < 1:
+        raise UserError(f"--max_docs must be at least 1 (got {args.max_docs})")
     check_output_path(args.output_dir, "--output_dir", folder=True)
     if args.dataset == "pwc":
         counts = prepare_pwc(args.source or PWC_HUB, args.output_dir, args.split, args.max_docs, args.eval_size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import sys
 
@@ -116,6 +117,8 @@ def main(argv: list[str], command: str = "compress") -> int:
         raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if command == "compress":
         check_output_path(args.output, "--output")  # before the texts and the model load
+        if args.file and Path(args.file).expanduser().resolve() == Path(args.output).expanduser().resolve():
+            raise UserError(f"--output {args.output} is the --file it compresses; choose another --output")
         if args.text is not None:
             texts = [args.text]
         elif args.file == "-":

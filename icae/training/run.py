@@ -147,6 +147,10 @@ def check_checkpoints(config: ICAEConfig, args: ICAETrainingArguments, resume: P
     if restore_from:
         check_checkpoint_fits(Path(restore_from), planned, "--restore_from",
                               "or restore from a checkpoint that fits this run")
+        out, source = Path(args.output_dir).resolve(), Path(restore_from).resolve()
+        if args.overwrite_output_dir and resume is None and (source == out or out in source.parents):
+            raise UserError(f"--overwrite_output_dir would delete --restore_from {restore_from}, which is inside "
+                            f"--output_dir {args.output_dir}: choose another --output_dir")
 
 
 def check_checkpoint_fits(checkpoint: Path, model, flag: str, fix: str) -> None:
