@@ -39,7 +39,7 @@ import torch
 from icae.core import metrics
 from icae.core.collate import IGNORE, collate
 from icae.errors import UserError, check_output_path
-from icae.core.config import ICAEConfig, results_path
+from icae.core.config import resolve_checkpoint, results_path
 from icae.core.examples import ae_example
 from icae.core.inference import compress, eos_token_id, eval_mode, generate_ids, generate_plain_ids, token_ids
 from icae.core.losses import output_head
@@ -340,9 +340,9 @@ def main(argv: list[str]) -> int:
     for flag, low in (("batch_size", 1), ("max_new_tokens", 1), ("model_max_length", 2), ("max_context_length", 1)):
         if getattr(args, flag) is not None and getattr(args, flag) < low:  # before anything loads
             raise UserError(f"--{flag} must be at least {low} (got {getattr(args, flag)})")
-    ICAEConfig.load(args.checkpoint)  # a checkpoint at all (cheap), before the output path its name may give
-    args.output = check_output_path(args.output or results_path(
-        args.checkpoint, "qa_eval_results.json" if args.task == "qa" else "eval_results.json"), "--output")
+    if args.output or resolve_checkpoint(args.checkpoint).is_dir():  # (else loading the checkpoint fails first)
+        args.output = check_output_path(args.output or results_path(
+            args.checkpoint, "qa_eval_results.json" if args.task == "qa" else "eval_results.json"), "--output")
     if args.task == "qa":
         return main_qa(args)
 
