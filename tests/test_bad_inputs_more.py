@@ -177,6 +177,14 @@ def test_bad_training_values_are_refused_before_anything_loads_or_is_written(ws,
     assert not out.exists()
 
 
+def test_finetune_checks_the_same_training_values(ws, tmp_path, capsys, no_model):
+    out = tmp_path / "run"
+    code, _, err = icae("finetune --restore_from {ws}/ckpt --train_file {ws}/qa.json --output_dir {out} "
+                        "--report_to none --learning_rate nan", capsys, ws, out)
+    one_error(code, err, r"--learning_rate must be greater than 0 \(got nan\)")
+    assert not out.exists()
+
+
 def test_a_run_that_fails_at_its_first_step_does_not_block_the_corrected_rerun(ws, tmp_path, capsys):
     """A bad line met while streaming (after the held-out texts): the run stops with one line, and the same
     command on the fixed file starts in that output_dir (no "not empty and holds no complete checkpoint")."""
