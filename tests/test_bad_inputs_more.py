@@ -230,7 +230,8 @@ WRITERS = {  # every command that writes: the path it writes, under a parent tha
 def test_an_output_path_under_a_file_is_refused_before_the_work(ws, capsys, no_model, command):
     before = (ws / "train.json").read_bytes()
     code, _, err = icae(WRITERS[command], capsys, ws)
-    one_error(code, err, r"--(output|output_dir) .*train.json/\S+: .*train.json is a file, not a folder; choose another")
+    one_error(code, err, r"--(output|output_dir) .*train.json/\S+: .*train.json is a file, not a folder; "
+                         r"choose another")
     assert (ws / "train.json").read_bytes() == before
 
 

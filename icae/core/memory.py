@@ -11,8 +11,8 @@ refuses the rest, and `reconstruct` / `generate` call it on every Memory they ar
 known fingerprint are refused by a checkpoint of another (same sizes, other weights: garbage out).
 
 On disk (`icae compress -o FILE`, `Memory.save`) a Memory is one safetensors file, format
-"icae-slots-v1": tensors `slots.<i>` and `text_lengths`, metadata `format`, `icae_config` (JSON) and `weights_fingerprint` (files written before it have none:
-read without that check).
+"icae-slots-v1": tensors `slots.<i>` and `text_lengths`, metadata `format`, `icae_config` (JSON) and
+`weights_fingerprint` (files written before it have none: read without that check).
 """
 
 from __future__ import annotations

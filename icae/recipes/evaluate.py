@@ -324,8 +324,8 @@ def main(argv: list[str]) -> int:
                         "limit (default 64)")
     p.add_argument("--no_generate", action="store_true", help="skip reconstruction (BLEU, exact match)")
     p.add_argument("--output", default=None,
-                   help="results JSON (default: CHECKPOINT/eval_results.json, or CHECKPOINT/qa_eval_results.json; for a "
-                        "shipped checkpoint NAME: NAME-eval_results.json here)")
+                   help="results JSON (default: CHECKPOINT/eval_results.json, or CHECKPOINT/qa_eval_results.json; "
+                        "for a shipped checkpoint NAME: NAME-eval_results.json here)")
     p.add_argument("--model_name_or_path", default=None, help="base model to use instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),

@@ -105,8 +105,8 @@ def check_generate_task(checkpoint: str, prompts: list[str] | None) -> None:
     info = ICAEConfig.load(checkpoint)[1].get("training") or {}
     if info and info.get("task") != "ft":
         raise UserError(f"checkpoint {checkpoint} was pretrained only (no [FT] training), so it cannot answer "
-                        f"--prompt; fine-tune it first: icae finetune --restore_from {checkpoint} ... (icae reconstruct "
-                        "reads its slots as they are)")
+                        f"--prompt; fine-tune it first: icae finetune --restore_from {checkpoint} ... "
+                        "(icae reconstruct reads its slots as they are)")
 
 
 def main(argv: list[str], command: str = "compress") -> int:
