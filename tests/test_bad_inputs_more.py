@@ -293,6 +293,11 @@ def test_a_truncated_weights_file_is_one_clean_error_everywhere(ws, tmp_path, ca
      r"--output_dir .*ckpt: choose another --output_dir"),
     ("reconstruct --checkpoint {ws}/ckpt {ws}", r"is a folder; pass a slots file written by `icae compress -o FILE`"),
     ("prepare --source {ws}/train.json --output_dir {out}/data --max_docs -1", r"--max_docs must be at least 1"),
+    ("compress --checkpoint {ws}/ckpt --text ' ' -o {out}/s.safetensors", r"--text is empty: there is nothing"),
+    ("compress --checkpoint {ws}/ckpt --text hi -o {out}/s.safetensors --device gpu",
+     r"--device 'gpu' is not a device: pass auto, cpu, cuda or cuda:N"),
+    ("eval --checkpoint {ws}/ckpt --eval_file {ws}/eval.json --output {out}/r.json --device cuda:99",
+     r"--device cuda:99: there (is no CUDA GPU here|are only \d+ CUDA devices)"),
 ])
 def test_bad_flags_of_the_newer_commands_fail_before_the_model_loads(ws, tmp_path, capsys, no_model, argv, message):
     before = snapshot(ws)

@@ -408,6 +408,22 @@ def weights_file(directory: str | Path) -> Path:
     return path
 
 
+def check_device(device: str) -> str:
+    """`--device` as torch names it ("auto": cuda when there is a GPU, else cpu), refused before anything loads
+    when it is not a device or not on this machine."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r} is not a device: pass auto, cpu, cuda or cuda:N") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: there is no CUDA GPU here; pass --device cpu (or auto)")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
+
+
 def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, device: str = "auto",
                     dtype: str = "float32") -> ICAE:
     """An ICAE from a checkpoint folder or a shipped checkpoint's name, on the GPU when there is one, in eval mode;
@@ -418,8 +434,7 @@ def load_checkpoint(checkpoint: str, model_name_or_path: str | None = None, devi
         shipped = ", ".join(shipped_checkpoints()) or "none installed"
         raise UserError(f"--checkpoint {checkpoint} is not a folder; pass the output folder of `icae pretrain` "
                         f"or the name of a shipped checkpoint ({shipped})")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
     dtype = resolve_dtype(dtype, device)  # refused before anything loads where bf16 is emulated
     model = ICAE.from_pretrained(checkpoint, model_name_or_path=model_name_or_path)
     model = model.to(device, dtype).eval()

@@ -119,6 +119,8 @@ def main(argv: list[str], command: str = "compress") -> int:
         check_output_path(args.output, "--output")  # before the texts and the model load
         if args.file and Path(args.file).expanduser().resolve() == Path(args.output).expanduser().resolve():
             raise UserError(f"--output {args.output} is the --file it compresses; choose another --output")
+        if args.text is not None and not args.text.strip():
+            raise UserError("--text is empty: there is nothing to compress")
         if args.text is not None:
             texts = [args.text]
         elif args.file == "-":
