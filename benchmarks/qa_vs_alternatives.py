@@ -376,7 +376,7 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def run_report(args) -> int:
-    rows = read_jsonl(Path(args.answers))
+    rows = [row for path in args.answers for row in read_jsonl(Path(path))]
     summary = summarize(rows)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--model_name_or_path", default="smollm2-135m")
     d.add_argument("--output", default=None)
     r = sub.add_parser("report")
-    r.add_argument("--answers", required=True)
+    r.add_argument("--answers", required=True, nargs="+", help="the answer step's JSONL file(s)")
     r.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     return {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report, "dataset": run_dataset}[args.step](args)

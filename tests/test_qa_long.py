@@ -139,3 +139,10 @@ def test_eval_answers_are_spread_over_their_contexts(splits):
     for r in splits[1]:
         per_context[r["context_id"]].append(r["answer_position"])
     assert sum(max(p) >= 0.6 for p in per_context.values()) >= 0.8 * len(per_context)
+
+
+def test_eval_reads_only_the_held_out_split(splits):
+    from icae.recipes.evaluate import load_eval_records
+
+    assert load_eval_records(BUILTIN_PYTHON_DOCS_QA_LONG) == [{k: r[k] for k in ("input", "prompt", "answer")}
+                                                              for r in splits[1]]

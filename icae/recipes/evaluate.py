@@ -289,10 +289,10 @@ def format_qa_table(results: dict) -> str:
 
 
 def load_eval_records(source: str) -> list[dict]:
-    """A file is the eval set as it is; the built-in QA set contributes its eval split only."""
-    from icae.data.qa import BUILTIN_PYTHON_DOCS_QA, builtin_qa_splits, load_qa
+    """A file is the eval set as it is; a built-in QA set contributes its eval split only."""
+    from icae.data.qa import BUILTIN_QA_SETS, builtin_splits, load_qa
 
-    return builtin_qa_splits()[1] if source == BUILTIN_PYTHON_DOCS_QA else load_qa(source)
+    return builtin_splits(source)[1] if source in BUILTIN_QA_SETS else load_qa(source)
 
 
 def load_eval_texts(source: str) -> list[str]:
