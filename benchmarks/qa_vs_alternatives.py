@@ -344,6 +344,27 @@ def _bytes_per_token(group: list[dict]) -> float:
     return sum(sum(row["kv_cache_bytes"]) for row in group) / max(1, sum(sum(row["kv_tokens"]) for row in group))
 
 
+def goals(summary: dict) -> dict:
+    """Issue 32's goals, each with the numbers it compares and whether it holds."""
+    rows = {row["source"]: row for row in summary["rows"]}
+    if not {"memory_slots", "full_context_finetuned", "truncated", "llmlingua"} <= set(rows):
+        return {}
+    mem, full = rows["memory_slots"], rows["full_context_finetuned"]
+    out = {}
+    for other in ("truncated", "llmlingua"):
+        out[f"f1_above_{other}"] = {"memory_slots": mem["token_f1"], other: rows[other]["token_f1"],
+                                    "holds": mem["token_f1"] > rows[other]["token_f1"]}
+    share = mem["token_f1"] / full["token_f1"] if full["token_f1"] else float("nan")
+    out["f1_at_least_0.8_of_full_context_finetuned"] = {"share": share, "holds": share >= 0.8}
+    for key in ("seconds_per_answer_k5",):
+        out["cheaper_than_full_context_at_k5"] = {"memory_slots": mem[key], "full_context_finetuned": full[key],
+                                                  "holds": mem[key] < full[key]}
+        out["cheaper_than_full_context_at_k5_4x_context"] = {
+            "memory_slots": mem["at_4x_context"][key], "full_context_finetuned": full["at_4x_context"][key],
+            "holds": mem["at_4x_context"][key] < full["at_4x_context"][key]}
+    return out
+
+
 def markdown_table(summary: dict) -> str:
     head = ("| source | exact match | token F1 | ROUGE-L | decoder context tokens | KV cache at answer end | "
             "s/answer k=1 | s/answer k=5 |")
@@ -352,6 +373,14 @@ def markdown_table(summary: dict) -> str:
         lines.append(f"| {row['source']} | {row['exact_match']:.3f} | {row['token_f1']:.3f} | {row['rouge_l']:.3f} | "
                      f"{row['decoder_context_tokens']:.0f} | {row['kv_cache_bytes'] / 2**20:.1f} MiB | "
                      f"{row['seconds_per_answer_k1']:.2f} | {row['seconds_per_answer_k5']:.2f} |")
+    lines += ["", "At 4x longer contexts (by formula: context tokens, KV bytes and compression/prefill seconds x4, "
+              "each answer's own seconds as measured):", "",
+              "| source | decoder context tokens | KV cache at answer end | s/answer k=1 | s/answer k=5 |",
+              "| --- |" + " ---: |" * 4]
+    for row in summary["rows"]:
+        x = row["at_4x_context"]
+        lines.append(f"| {row['source']} | {x['decoder_context_tokens']:.0f} | {x['kv_cache_bytes'] / 2**20:.1f} MiB | "
+                     f"{x['seconds_per_answer_k1']:.2f} | {x['seconds_per_answer_k5']:.2f} |")
     return "\n".join(lines)
 
 
@@ -378,12 +407,14 @@ def plot(summary: dict, path: Path) -> None:
 def run_report(args) -> int:
     rows = [row for path in args.answers for row in read_jsonl(Path(path))]
     summary = summarize(rows)
+    summary["goals"] = goals(summary)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.md").write_text(markdown_table(summary) + "\n")
     plot(summary, out / "f1_vs_budget.png")
     print(markdown_table(summary))
+    print(json.dumps(summary["goals"], indent=2))
     return 0
 
 
