@@ -175,9 +175,14 @@ def decode_worker(smoke: bool, rounds: int) -> dict:
 
 # ----------------------------------------------------------------------------- driver
 
-def run_worker(argv: list[str], threads: int, busy: bool, timeout: int) -> dict:
-    """One worker in a fresh process with `threads` torch threads; with `busy`, a spinning process beside it."""
+def run_worker(argv: list[str], threads: int, busy: bool, timeout: int, policy: str = "PASSIVE") -> dict:
+    """One worker in a fresh process with `threads` torch threads and OpenMP wait `policy` (PASSIVE: what the
+    icae command sets; default: the OpenMP library's own, spinning a while); with `busy`, a spinning process
+    beside it."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy != "default":
+        env["OMP_WAIT_POLICY"] = policy
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
         proc = subprocess.run([sys.executable, __file__, "--worker", *argv], env=env, capture_output=True, text=True,
@@ -189,25 +194,26 @@ def run_worker(argv: list[str], threads: int, busy: bool, timeout: int) -> dict:
         if line.startswith("BENCH_RESULT "):
             result = json.loads(line[len("BENCH_RESULT "):])
             for row in result["rows"]:
-                row.update(threads=threads, busy=busy, env=result["env"])
+                row.update(threads=threads, busy=busy, omp_wait_policy=policy, env=result["env"])
             return result
     raise RuntimeError(f"worker {argv} failed:\n{proc.stderr[-3000:]}")
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| setting | arithmetic | threads | step CPU s | step wall s | CPU ratio to fp32 | wall ratio |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | arithmetic | threads | OpenMP wait | step CPU s | step wall s | CPU ratio to fp32 | wall ratio |"
+             " load |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["part"] == "step":
-            lines.append(f"| {r['setting']} | {r['arithmetic']} | {r['threads']} | {r['step_cpu_s']:.2f} | "
-                         f"{r['step_wall_s']:.2f} | **{r['cpu_ratio_to_fp32']:.2f}** | {r['wall_ratio_to_fp32']:.2f} |")
-    lines += ["", "| dtype | threads | other process busy | decode ms/token | compress text tokens/s | "
-              "reconstruction token accuracy |", "|---|---:|---|---:|---:|---:|"]
+            lines.append(f"| {r['setting']} | {r['arithmetic']} | {r['threads']} | {r['omp_wait_policy']} | "
+                         f"{r['step_cpu_s']:.2f} | {r['step_wall_s']:.2f} | **{r['cpu_ratio_to_fp32']:.2f}** | "
+                         f"{r['wall_ratio_to_fp32']:.2f} | {r['env']['loadavg_1m']:.1f} |")
+    lines += ["", "| dtype | threads | OpenMP wait | other process busy | decode ms/token | compress text tokens/s | "
+              "reconstruction token accuracy | load |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
         if r["part"] == "decode":
-            lines.append(f"| {r['dtype']} | {r['threads']} | {'yes' if r['busy'] else 'no'} | "
+            lines.append(f"| {r['dtype']} | {r['threads']} | {r['omp_wait_policy']} | {'yes' if r['busy'] else 'no'} | "
                          f"{r['decode_ms_per_token']:.1f} | {r['compress_text_tokens_per_s']:.0f} | "
-                         f"{r['reconstruction_token_accuracy']:.2f} |")
+                         f"{r['reconstruction_token_accuracy']:.2f} | {r['env']['loadavg_1m']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +223,8 @@ def main() -> int:
     p.add_argument("--settings", default="grid,seed,v2")
     p.add_argument("--threads", default="1,2")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--wait_policies", default="PASSIVE,default",
+                   help="OpenMP wait policies to compare (decoding; steps at 2+ threads)")
     p.add_argument("--compile", action="store_true", help="also time bf16 under torch.compile")
     p.add_argument("--smoke", action="store_true", help="tiny random model (for tests)")
     p.add_argument("--output", default="benchmarks/results/bf16-cpu.json")
@@ -235,15 +243,19 @@ def main() -> int:
     common = ["--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
     rows = []
     parts = args.parts.split(",")
+    policies = args.wait_policies.split(",")
     for threads in [int(t) for t in args.threads.split(",")]:
         if "step" in parts:
             for name in args.settings.split(","):
-                print(f"step: {name}, {threads} thread(s) ...", flush=True)
-                rows += run_worker(["step", name, ",".join(arithmetics), *common], threads, False, args.timeout)["rows"]
+                for policy in policies if threads > 1 else policies[:1]:
+                    print(f"step: {name}, {threads} thread(s), OpenMP wait {policy} ...", flush=True)
+                    rows += run_worker(["step", name, ",".join(arithmetics), *common], threads, False, args.timeout,
+                                       policy)["rows"]
         if "decode" in parts:
             for busy in (False, True):
-                print(f"decode: {threads} thread(s), busy={busy} ...", flush=True)
-                rows += run_worker(["decode", *common], threads, busy, args.timeout)["rows"]
+                for policy in policies if threads > 1 else policies[:1]:
+                    print(f"decode: {threads} thread(s), busy={busy}, OpenMP wait {policy} ...", flush=True)
+                    rows += run_worker(["decode", *common], threads, busy, args.timeout, policy)["rows"]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"schema": "icae-bf16-benchmark/1", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -8,9 +8,15 @@ the disk full, wherever it happens. The exit statuses are the constants in icae/
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 from pathlib import Path
+
+# OpenMP threads that wait by spinning turn a core another process needs into a 10x slowdown of our
+# token-by-token decoding (950 against 84 ms per token on 2 cores beside a busy process); waiting passively
+# costs nothing measurable (benchmarks/results/bf16-cpu.md). Read when torch loads, so set before it does.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from icae.errors import EXIT_DISK_FULL, EXIT_INTERRUPTED, EXIT_USER_ERROR, Preempted, UserError, disk_full_reason
 from icae.core.quiet import quiet, verbose_requested

@@ -11,5 +11,6 @@
 - model.py       ICAE: encoder and decoder on one base model, save and load
 - inference.py   compress / reconstruct / generate: the decode loop
 - memory.py      Memory: what compress returns and reconstruct/generate read, and its file
+- precision.py bf16 on CPUs: detected from /proc/cpuinfo, refused where emulated; fp32 attention under bf16
 - quiet.py       quiet by default: dependencies' warnings, log lines and loading bars hidden unless --verbose
 """
