@@ -145,7 +145,8 @@ def test_the_decoder_mode_is_the_checkpoints_unless_a_flag_says_otherwise(ws):
 
 def test_restore_from_takes_a_shipped_checkpoints_name(tmp_path, monkeypatch):
     """`--restore_from smollm2-135m-icae` means the shipped folder (as `--checkpoint` does elsewhere),
-    its layout and sizes are taken; a folder of that name in the working directory would win."""
+    its layout and sizes are taken; a checkpoint folder of that name in the working directory would win, a
+    folder without icae_config.json does not (issue 31)."""
     from icae.core.config import SHIPPED_DIR, ICAEConfig, shipped_checkpoints
 
     name = "smollm2-135m-icae"
@@ -159,6 +160,8 @@ def test_restore_from_takes_a_shipped_checkpoints_name(tmp_path, monkeypatch):
     assert (config.position_layout, config.fixed_mem_size, config.lora_r) == \
         (saved.position_layout, saved.fixed_mem_size, saved.lora_r)
     (tmp_path / name).mkdir()
+    assert parse_args(argv)[0].restore_from == str(SHIPPED_DIR / name)
+    (tmp_path / name / "icae_config.json").write_text("{}")
     assert parse_args(argv)[0].restore_from == name
 
 

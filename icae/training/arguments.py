@@ -97,7 +97,7 @@ class ICAETrainingArguments(TrainingArguments):
 
 # (flag, smallest value, whether the smallest is allowed): checked before anything loads. None is "not given".
 _LIMITS = (("per_device_train_batch_size", 1, True), ("per_device_eval_batch_size", 1, True),
-           ("gradient_accumulation_steps", 1, True), ("learning_rate", 0, False), ("memory_learning_rate", 0, False),
+           ("gradient_accumulation_steps", 1, True), ("learning_rate", 0, True), ("memory_learning_rate", 0, True),
            ("warmup_steps", 0, True), ("warmup_ratio", 0, True), ("weight_decay", 0, True), ("max_grad_norm", 0, True),
            ("adam_epsilon", 0, False), ("adam_beta1", 0, True), ("adam_beta2", 0, True),
            ("dataloader_num_workers", 0, True), ("save_total_limit", 1, True), ("logging_steps", 0, False),
@@ -106,18 +106,22 @@ _LIMITS = (("per_device_train_batch_size", 1, True), ("per_device_eval_batch_siz
 
 def check_training_values(args) -> None:
     """The Trainer flags' values, each a finite number in its range: a batch size 0 or a NaN learning rate
-    would otherwise fail (or silently train nothing) after the model has loaded."""
+    would otherwise fail (or silently train nothing) after the model has loaded. (A learning rate of 0 is
+    allowed: a run that changes nothing, e.g. to check a setup.)"""
     import math
 
     for name, low, inclusive in _LIMITS:
         value = getattr(args, name, None)
         if value is None or isinstance(value, str):
             continue
-        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+        if not math.isfinite(value):
+            raise UserError(f"--{name} must be a finite number (got {value})")
+        if value < low or (value == low and not inclusive):
             raise UserError(f"--{name} must be {'at least' if inclusive else 'greater than'} {low} (got {value})")
-    for name in ("adam_beta1", "adam_beta2", "warmup_ratio"):
-        if getattr(args, name, None) is not None and getattr(args, name) > 1:
-            raise UserError(f"--{name} must be between 0 and 1 (got {getattr(args, name)})")
+    for name, top in (("adam_beta1", "1)"), ("adam_beta2", "1)"), ("warmup_ratio", "1]")):
+        value = getattr(args, name, None)
+        if value is not None and (value > 1 or (value == 1 and top == "1)")):
+            raise UserError(f"--{name} must be in [0, {top} (got {value})")
     if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
         raise UserError(f"--num_train_epochs must be a finite number greater than 0 (got {args.num_train_epochs}), "
                         "or pass --max_steps")
