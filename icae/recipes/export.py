@@ -65,7 +65,7 @@ def check_target(source: Path, out: Path) -> None:
         earlier = json.loads((out / CONFIG_NAME).read_text()).get("training", {}).get("exported_from")
     except (OSError, ValueError, AttributeError):
         earlier = None
-    if earlier is None or Path(earlier).resolve() != source.resolve():
+    if earlier is None or resolve_checkpoint(earlier).resolve() != source.resolve():
         raise UserError(f"--output {out} is not empty and is not an earlier export of {source}; choose another "
                         "--output, or remove it first")
 
