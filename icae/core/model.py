@@ -205,10 +205,16 @@ class ICAE(nn.Module):
         return {"cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": length, "max_length_k": length}
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings of ids < vocab_size from the base table, of the rest from the memory table."""
+        """Embeddings of ids < vocab_size from the base table, of the rest from the memory table.
+
+        Under autocast with weights stored in bf16 (`--bf16 True` on a CPU) they are upcast to fp32: the residual
+        stream then stays fp32 between the bf16 matmuls, as under autocast with fp32 weights (same numbers,
+        without casting every weight every step)."""
         vocab = self.config.vocab_size
         is_new = ids >= vocab
         base = self.base.get_input_embeddings()(ids.masked_fill(is_new, 0))
+        if base.dtype != torch.float32 and torch.is_autocast_enabled(base.device.type):
+            base = base.float()
         new = self.memory_embeddings((ids - vocab).clamp(min=0)).to(base.dtype)
         return torch.where(is_new.unsqueeze(-1), new, base)
 
