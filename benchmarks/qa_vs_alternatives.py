@@ -55,14 +55,15 @@ K = 5
 # ----------------------------------------------------------------------------- records
 
 
-def eval_contexts(source: str, contexts: int | None) -> list[tuple[str, list[dict]]]:
-    """(context, its records) of the eval split, in order of first appearance; the first `contexts` of them."""
+def eval_contexts(source: str, contexts: int | None, first: int = 0) -> list[tuple[str, list[dict]]]:
+    """(context, its records) of the eval split, in order of first appearance; `contexts` of them from the
+    `first` (0-based) on."""
     from icae.recipes.evaluate import load_eval_records
 
     grouped: dict[str, list[dict]] = {}
     for r in load_eval_records(source):
         grouped.setdefault(r["input"], []).append(r)
-    items = list(grouped.items())
+    items = list(grouped.items())[first:]
     return items[:contexts] if contexts else items
 
 
@@ -232,7 +233,7 @@ def run_answers(args) -> int:
     out = Path(args.output)
     done = {(row["source"], row["context"]) for row in read_jsonl(out)}
     lingua = {row["context"]: row for row in read_jsonl(Path(args.llmlingua))} if args.llmlingua else {}
-    contexts = eval_contexts(args.eval_file, args.contexts)
+    contexts = eval_contexts(args.eval_file, args.contexts, args.first_context)
     by_checkpoint = defaultdict(list)
     for source in sources:
         ckpt = args.checkpoint if source == "memory_slots" else (
@@ -424,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--eval_file", default="builtin:python-docs-qa-long")
     common.add_argument("--contexts", type=int, default=None, help="the first N eval contexts (default: all)")
+    common.add_argument("--first_context", type=int, default=0, help="start at this eval context (0-based; "
+                        "to split the answer step over processes)")
     common.add_argument("--max_context_length", type=int, default=1280)
     q = sub.add_parser("llmlingua", parents=[common])
     q.add_argument("--output", required=True)
