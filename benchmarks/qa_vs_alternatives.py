@@ -302,8 +302,11 @@ def summarize(rows: list[dict], k: int = K) -> dict:
     from icae.core import metrics
 
     by_source: dict[str, list[dict]] = defaultdict(list)
-    for row in rows:
-        by_source[row["source"]].append(row)
+    seen = set()
+    for row in rows:  # one row per source and context (answer steps split over processes may overlap)
+        if (row["source"], row["context"]) not in seen:
+            seen.add((row["source"], row["context"]))
+            by_source[row["source"]].append(row)
     common = set.intersection(*({row["context"] for row in group} for group in by_source.values())) if by_source else set()
     out = []
     for source in [s for s in SOURCES if s in by_source] + sorted(set(by_source) - set(SOURCES)):

@@ -76,6 +76,7 @@ def test_summary_costs_and_report(bench, tmp_path):
     rows = [_row("memory_slots", "c1", ["a b"] * 5, 10), _row("memory_slots", "c2", ["x"] * 5, 10),
             _row("no_context", "c1", ["a"] * 5, 0, fixed=(0.0, 0.0)), _row("no_context", "c2", ["a"] * 5, 0, (0.0, 0.0)),
             _row("no_context", "c3", ["a"] * 5, 0)]  # c3 has no memory row: left out of every row
+    rows.append(_row("memory_slots", "c1", ["x"] * 5, 10))  # the same context again (overlapping steps): first kept
     summary = bench.summarize(rows)
     assert summary["contexts"] == 2 and summary["questions"] == 10
     mem, none = summary["rows"]
