@@ -245,8 +245,10 @@ def run_answers(args) -> int:
     for ckpt, ckpt_sources in by_checkpoint.items():
         model = load_checkpoint(ckpt, device="cpu", dtype="bfloat16" if bf16 else "float32")
         tok = model.tokenizer
+        following = {c: contexts[(i + 1) % len(contexts)][0] for i, (c, _) in enumerate(contexts)}
         for ctx, records in contexts:
-            context_ids = tok(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
+            read = following[ctx] if args.wrong_contexts else ctx  # the control: the next context's slots/text
+            context_ids = tok(read, add_special_tokens=False)["input_ids"][: args.max_context_length]
             prompts = [prompt_part_ids(tok, r["prompt"]) for r in records]
             references = [tok.decode(answer_ids(tok, r["answer"]), skip_special_tokens=True) for r in records]
             for source in ckpt_sources:
@@ -447,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--llmlingua", default=None, help="the llmlingua step's JSONL")
     a.add_argument("--sources", default=",".join(SOURCES))
     a.add_argument("--max_new_tokens", type=int, default=64)
+    a.add_argument("--wrong_contexts", action="store_true",
+                   help="the control: answer each question from the next eval context (as icae eval --wrong_contexts)")
     a.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 weights where the CPU has bf16 instructions (the fast dtype; load_checkpoint's "
                    "dtype: attention in fp32)")
