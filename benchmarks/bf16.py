@@ -243,6 +243,19 @@ def main() -> int:
     common = ["--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
     rows = []
     parts = args.parts.split(",")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"schema": "icae-bf16-benchmark/1", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), "rows": rows}
+
+    def write() -> None:  # after every worker: what finished survives a stopped run
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        env = rows[0]["env"] if rows else {}
+        out.with_suffix(".md").write_text(
+            f"# bf16 against fp32 on {env.get('cpu')} (bf16 flags: {', '.join(env.get('bf16_flags', [])) or 'none'})\n\n"
+            f"`{record['command']}`, {record['date']}; load average at the start of each worker in the JSON.\n\n"
+            + table(rows))
+
     policies = args.wait_policies.split(",")
     for threads in [int(t) for t in args.threads.split(",")]:
         if "step" in parts:
@@ -251,22 +264,15 @@ def main() -> int:
                     print(f"step: {name}, {threads} thread(s), OpenMP wait {policy} ...", flush=True)
                     rows += run_worker(["step", name, ",".join(arithmetics), *common], threads, False, args.timeout,
                                        policy)["rows"]
+                    write()
         if "decode" in parts:
             for busy in (False, True):
                 for policy in policies if threads > 1 else policies[:1]:
                     print(f"decode: {threads} thread(s), busy={busy}, OpenMP wait {policy} ...", flush=True)
                     rows += run_worker(["decode", *common], threads, busy, args.timeout, policy)["rows"]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"schema": "icae-bf16-benchmark/1", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(sys.argv), "rows": rows}
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    env = rows[0]["env"] if rows else {}
-    md = (f"# bf16 against fp32 on {env.get('cpu')} (bf16 flags: {', '.join(env.get('bf16_flags', [])) or 'none'})\n\n"
-          f"`{record['command']}`, {record['date']}; load average at the start of each worker in the JSON.\n\n"
-          + table(rows))
-    out.with_suffix(".md").write_text(md)
-    print(md)
+                    write()
+    write()
+    print(out.with_suffix(".md").read_text())
     return 0
 
 
