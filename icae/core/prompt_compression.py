@@ -1,7 +1,7 @@
 """LLMLingua (Jiang et al., EMNLP 2023; the PyPI package `llmlingua`) as a baseline to memory slots,
 offline, on transformers 5, with the embedded base model as its scoring LM.
 
-Two things stand in the way (docs: /work/shared/design/LLMLINGUA.md, measured with llmlingua 0.2.2):
+Two things stand in the way (measured with llmlingua 0.2.2):
 1. `PromptCompressor.__init__` calls `tiktoken.encoding_for_model("gpt-3.5-turbo")`, which downloads an
    encoding. LLMLingua uses it only to count and split the prompt's tokens, so a counter built on the
    scoring model's own tokenizer (`TokenizerEncoding`) stands in for it while the compressor is built:

@@ -31,10 +31,11 @@ import re
 import warnings
 from pathlib import Path
 
+from icae.data.docstrings import FIELDS, MAX_ANSWER_WORDS, MIN_ANSWER_WORDS, chunks as _chunks, first_sentence  # noqa: F401
+from icae.data.docstrings import sentences as _sentences, signature as _signature
 from icae.errors import UserError
 
 BUILTIN_PYTHON_DOCS_QA = "builtin:python-docs-qa"
-FIELDS = ("input", "prompt", "answer")
 BUILTIN_PYTHON_DOCS_QA_LONG = "builtin:python-docs-qa-long"  # icae.data.qa_long: ~500-1,000-token contexts
 BUILTIN_QA_SETS = (BUILTIN_PYTHON_DOCS_QA, BUILTIN_PYTHON_DOCS_QA_LONG)
 QA_FORMATS = ".json, .jsonl or .parquet file of {input, prompt, answer} records, or " + " or ".join(BUILTIN_QA_SETS)
@@ -42,11 +43,8 @@ QA_FORMATS = ".json, .jsonl or .parquet file of {input, prompt, answer} records,
 MEMBERS_PER_CONTEXT = 4
 MIN_MEMBERS = 2
 MAX_ENTRY_CHARS = 300
-MIN_ANSWER_WORDS, MAX_ANSWER_WORDS = 3, 40
 EVAL_MODULUS = 10  # modules whose name hashes to 0 modulo this are the eval split
 
-# A sentence ends at . ! or ? before a space or the end, but not in "e.g." / "i.e." / "etc.".
-_SENTENCE = re.compile(r".+?(?<!\be\.g)(?<!\bi\.e)(?<!\betc)[.!?](?=\s|$)", re.S)
 
 
 # ----------------------------------------------------------------------------- files
@@ -132,23 +130,6 @@ def load_qa(source: str) -> list[dict]:
 # ----------------------------------------------------------------------------- the built-in set
 
 
-def first_sentence(text: str) -> str:
-    """The first sentence of a paragraph (spaces collapsed), or the whole paragraph if none ends."""
-    text = " ".join(text.split())
-    match = _SENTENCE.match(text)
-    return match.group(0) if match else text
-
-
-def _sentences(text: str) -> list[str]:
-    text = " ".join(text.split())
-    out = []
-    while text:
-        sentence = first_sentence(text)
-        out.append(sentence)
-        text = text[len(sentence):].strip()
-    return out
-
-
 def _entry(doc: str) -> tuple[str, str] | None:
     """(answer, context text) of a docstring, or None when its first sentence is unusable."""
     paragraph = doc.strip().split("\n\n")[0]
@@ -161,19 +142,6 @@ def _entry(doc: str) -> tuple[str, str] | None:
             break
         kept.append(sentence)
     return sentences[0], " ".join(kept)
-
-
-def _signature(node, is_method: bool) -> str:
-    args = node.args
-    if is_method and (args.posonlyargs or args.args) and not any(
-        isinstance(d, ast.Name) and d.id == "staticmethod" for d in node.decorator_list
-    ):
-        args = ast.arguments(**{**{f: getattr(args, f) for f in args._fields}})
-        if args.posonlyargs:
-            args.posonlyargs = args.posonlyargs[1:]
-        else:
-            args.args = args.args[1:]
-    return f"{node.name}({ast.unparse(args)})"
 
 
 def _members(body, is_method: bool, prefix: str = "") -> list[dict]:
@@ -213,19 +181,6 @@ def _owners(module: str, tree: ast.Module) -> list[tuple[str, str, list[dict]]]:
             owners.append((header("Class", f"{module}.{node.name}", ast.get_docstring(node)),
                            f"{module}.{node.name}", _members(node.body, True, f"{node.name}.")))
     return [o for o in owners if len(o[2]) >= MIN_MEMBERS]
-
-
-def _chunks(items: list, size: int) -> list[list]:
-    """ceil(n/size) consecutive chunks whose lengths differ by at most one (4 items a chunk at most:
-    13 items give 4, 3, 3, 3; from 2 items on, every chunk has at least 2)."""
-    count = math.ceil(len(items) / size)
-    base, extra = divmod(len(items), count)
-    out, start = [], 0
-    for j in range(count):
-        end = start + base + (1 if j < extra else 0)
-        out.append(items[start:end])
-        start = end
-    return out
 
 
 def is_eval_module(module: str) -> bool:

@@ -32,7 +32,7 @@ import hashlib
 import math
 import warnings
 
-from icae.data.qa import BUILTIN_PYTHON_DOCS_QA_LONG  # noqa: F401 - the name users pass
+from icae.data.docstrings import FIELDS, MAX_ANSWER_WORDS, MIN_ANSWER_WORDS, chunks, first_sentence, sentences, signature
 
 MIN_CONTEXT_CHARS = 2000  # ~500 tokens of SmolLM2's tokenizer (about 4 characters a token here)
 MAX_CONTEXT_CHARS = 3600  # ~900 tokens
@@ -74,14 +74,12 @@ def context_text(members: list[dict]) -> str:
 def pack_members(members: list[dict], max_chars: int = MAX_CONTEXT_CHARS) -> list[list[dict]]:
     """The fewest chunks of consecutive members whose contexts all fit in `max_chars` (chunk sizes
     differing by at most one); a single member longer than that is a chunk of its own."""
-    from icae.data.qa import _chunks
-
     if not members:
         return []
     for count in range(math.ceil(len(context_text(members)) / max_chars), len(members) + 1):
-        chunks = _chunks(members, math.ceil(len(members) / count))
-        if all(len(context_text(c)) <= max_chars or len(c) == 1 for c in chunks):
-            return chunks
+        parts = chunks(members, math.ceil(len(members) / count))
+        if all(len(context_text(c)) <= max_chars or len(c) == 1 for c in parts):
+            return parts
     return [[m] for m in members]
 
 
@@ -118,7 +116,6 @@ def module_members(module: str, tree: ast.Module, max_entry_chars: int = MAX_ENT
     source order, each with its owner's header line (as icae.data.qa._owners writes it), its signature,
     its docstring's first paragraph (whole sentences up to `max_entry_chars`, the first always) and the
     answer (the first sentence, or None when it is not 3 to 40 words: such a member is context only)."""
-    from icae.data.qa import MAX_ANSWER_WORDS, MIN_ANSWER_WORDS, _sentences, _signature, first_sentence
     from icae.data.corpus import top_level as _top_level
 
     def header(kind, name, doc):
@@ -130,18 +127,18 @@ def module_members(module: str, tree: ast.Module, max_entry_chars: int = MAX_ENT
         for node in (body if is_method else _top_level(body)):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name.startswith("_"):
                 continue
-            sentences = _sentences((ast.get_docstring(node) or "").strip().split("\n\n")[0])
-            if node.name in seen or not sentences:
+            said = sentences((ast.get_docstring(node) or "").strip().split("\n\n")[0])
+            if node.name in seen or not said:
                 continue
             seen.add(node.name)
-            kept = sentences[:1]
-            for sentence in sentences[1:]:
+            kept = said[:1]
+            for sentence in said[1:]:
                 if len(" ".join(kept + [sentence])) > max_entry_chars:
                     break
                 kept.append(sentence)
-            usable = MIN_ANSWER_WORDS <= len(sentences[0].split()) <= MAX_ANSWER_WORDS
-            found.append({"header": head, "name": prefix + node.name, "signature": prefix + _signature(node, is_method),
-                          "text": " ".join(kept), "answer": sentences[0] if usable else None})
+            usable = MIN_ANSWER_WORDS <= len(said[0].split()) <= MAX_ANSWER_WORDS
+            found.append({"header": head, "name": prefix + node.name, "signature": prefix + signature(node, is_method),
+                          "text": " ".join(kept), "answer": said[0] if usable else None})
         return found
 
     out = members(tree.body, False, header("Module", module, ast.get_docstring(tree)))
@@ -177,8 +174,6 @@ def _python_docs_qa_long() -> tuple[dict, ...]:
 
 def long_qa_splits(with_keys: bool = False) -> tuple[list[dict], list[dict]]:
     """(train, eval) records of `builtin:python-docs-qa-long`; the same lists in every process on one Python."""
-    from icae.data.qa import FIELDS
-
     records = _python_docs_qa_long()
     keep = dict if with_keys else (lambda r: {name: r[name] for name in FIELDS})
     train = [keep(r) for r in records if not is_long_eval_module(r["module"])]
