@@ -18,7 +18,9 @@ def test_demo_runs_and_writes_its_summary(tmp_path, capsys):
            f"{summary['eval_ae_loss_after']:.3f}" in printed
     shown = summary["shipped"]
     assert shown["original"] in printed and f"token accuracy {shown['token_accuracy']:.3f}" in printed
-    assert "continuation generated from the slots" in printed
+    lm_ratio = json.loads((out / "icae_config.json").read_text()).get("training", {}).get("lm_ratio") or 0
+    assert ("continuation generated from the slots" in printed) == (lm_ratio > 0)
+    assert ("no continuation: this checkpoint was trained to reconstruct only" in printed) == (lm_ratio == 0)
     for name in ("icae_weights.safetensors", "metrics.jsonl", "loss.png", "demo_summary.json"):
         assert (out / name).is_file()
 

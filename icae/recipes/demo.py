@@ -4,7 +4,8 @@
    that learned fastest in our study (docs/results/compressor/README.md), evaluated before and after.
 2. The shipped checkpoint (`smollm2-135m-icae`: the same recipe trained longer, then on 64-token
    texts on a GPU) at work: one held-out paragraph -> memory slots -> reconstruction next to the
-   original, with its token accuracy, and a continuation generated from the slots.
+   original, with its token accuracy, and a continuation generated from the slots (if the checkpoint
+   was trained with the LM objective).
 Everything is written under the output folder. Any `icae pretrain` flag after the demo's own
 overrides its default.
 """
@@ -95,13 +96,18 @@ def show_checkpoint(checkpoint: str) -> dict | None:
     memory = compress(model, [ids])
     rebuilt = generate_ids(model, memory, task="ae", max_new_tokens=length + 1)[0]
     accuracy = metrics.token_accuracy([rebuilt], [ids])
-    continuation = generate(model, memory, max_new_tokens=32)[0]
+    lm_trained = (model.training_info.get("lm_ratio") or 0) > 0  # a continuation means something only then
+    continuation = generate(model, memory, max_new_tokens=32)[0] if lm_trained else None
     original = tokenizer.decode(ids)
     reconstruction = tokenizer.decode(rebuilt, skip_special_tokens=True)
     print(f"checkpoint {checkpoint}: {length} tokens -> {memory.num_slots} memory slots "
           f"(rate {model.config.mean_compression_rate}, {model.config.position_layout} layout)")
     print(f"\n-- original (held out):\n{original}")
     print(f"\n-- reconstruction from the slots (token accuracy {accuracy:.3f}):\n{reconstruction}")
-    print(f"\n-- continuation generated from the slots:\n{continuation}")
+    if lm_trained:
+        print(f"\n-- continuation generated from the slots:\n{continuation}")
+    else:
+        print("\n(no continuation: this checkpoint was trained to reconstruct only (--lm_ratio 0). Answering questions "
+              "from slots needs `icae finetune`; how far that gets today: docs/results/qa-vs-alternatives/)")
     return {"checkpoint": checkpoint, "original": original, "reconstruction": reconstruction,
             "token_accuracy": accuracy, "continuation": continuation}
