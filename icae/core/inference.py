@@ -263,10 +263,12 @@ def generate_ids(
 
 
 def generate_plain_ids(
-    model, rows: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8, use_cache: bool = True
+    model, rows: list[list[int]], max_new_tokens: int = 64, batch_size: int = 8, use_cache: bool = True,
+    adapter: str = "disabled",
 ) -> list[list[int]]:
-    """Greedy tokens the base model without LoRA produces after each plain token row (positions 0..n-1),
-    without the EOS: the full-context and no-context baselines of `icae eval --task qa`."""
+    """Greedy tokens after each plain token row (positions 0..n-1), without the EOS: by default the base model
+    without LoRA (the full-context and no-context baselines of `icae eval --task qa`); `adapter` another
+    adapter state (icae.core.text_context: the decoder fine-tuned to read text)."""
     if max_new_tokens < 0:
         raise UserError("max_new_tokens must be a non-negative number")
     if any(not row for row in rows):
@@ -278,7 +280,7 @@ def generate_plain_ids(
         for _, chunk in _batches(rows, batch_size):
             prefixes = [(model.embed(torch.tensor(row, device=model.device)), list(range(len(row)))) for row in chunk]
             if max_new_tokens:
-                out += _decode_batch(model, prefixes, max_new_tokens, eos, sampling, None, use_cache, "disabled")
+                out += _decode_batch(model, prefixes, max_new_tokens, eos, sampling, None, use_cache, adapter)
             else:
                 out += [[] for _ in chunk]
     return out

@@ -68,17 +68,9 @@ def text_answers(model, rows: list[list[int]], max_new_tokens: int = 64, batch_s
                  adapter: str | None = None) -> list[list[int]]:
     """Greedy answer ids after each plain token row (positions 0..n-1) read by the model's decoder (its
     decoder mode's LoRA; `adapter="disabled"`: the base model), without the EOS."""
-    from icae.core.inference import _batches, _decode_batch, eos_token_id, eval_mode
+    from icae.core.inference import generate_plain_ids
 
-    eos = eos_token_id(model)
-    sampling = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
-    out: list[list[int]] = []
-    with eval_mode(model):
-        for _, chunk in _batches(rows, batch_size):
-            prefixes = [(model.embed(torch.tensor(row, device=model.device)), list(range(len(row)))) for row in chunk]
-            out += _decode_batch(model, prefixes, max_new_tokens, eos, sampling, None, True,
-                                 adapter or model._decoder_state())
-    return out
+    return generate_plain_ids(model, rows, max_new_tokens, batch_size, adapter=adapter or model._decoder_state())
 
 
 def as_text_context_model(model: ICAE) -> TextContextICAE:
