@@ -59,6 +59,18 @@ def python_sources() -> list[tuple[str, Path]]:
     return sorted((name, path) for name, path in found if path.is_file())
 
 
+
+def parsed_python_sources():
+    """(module name, ast.Module) of every `python_sources()` file that parses (the built-in QA sets' input)."""
+    for module, path in python_sources():
+        try:
+            with warnings.catch_warnings():  # old escape sequences in some stdlib files warn on 3.12+
+                warnings.simplefilter("ignore")
+                yield module, ast.parse(path.read_bytes())
+        except (OSError, SyntaxError, ValueError):
+            continue
+
+
 def _extension_modules() -> list:
     """The stdlib modules written in C (math, _io, _collections...), imported quietly.
 

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import re
-import warnings
 from pathlib import Path
 
 from icae.data.docstrings import FIELDS, MAX_ANSWER_WORDS, MIN_ANSWER_WORDS, chunks as _chunks, first_sentence  # noqa: F401
@@ -188,16 +187,10 @@ def is_eval_module(module: str) -> bool:
 
 
 def _build_python_docs_qa() -> list[dict]:
-    from icae.data.corpus import python_sources as _python_sources
+    from icae.data.corpus import parsed_python_sources
 
     records = []
-    for module, path in _python_sources():
-        try:
-            with warnings.catch_warnings():  # old escape sequences in some stdlib files warn on 3.12+
-                warnings.simplefilter("ignore")
-                tree = ast.parse(path.read_bytes())
-        except (OSError, SyntaxError, ValueError):
-            continue
+    for module, tree in parsed_python_sources():
         for header, owner, members in _owners(module, tree):
             for part, chunk in enumerate(_chunks(members, MEMBERS_PER_CONTEXT)):
                 context = "\n\n".join([header] + [f"{m['signature']}\n{m['text']}" for m in chunk])

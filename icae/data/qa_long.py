@@ -30,7 +30,6 @@ import ast
 import functools
 import hashlib
 import math
-import warnings
 
 from icae.data.docstrings import FIELDS, MAX_ANSWER_WORDS, MIN_ANSWER_WORDS, chunks, first_sentence, sentences, signature
 
@@ -152,16 +151,10 @@ def module_members(module: str, tree: ast.Module, max_entry_chars: int = MAX_ENT
 
 
 def stdlib_modules():
-    """(module, members) of the standard library's Python sources (icae.data.corpus.python_sources)."""
-    from icae.data.corpus import python_sources as _python_sources
+    """(module, members) of the standard library's Python sources (icae.data.corpus.parsed_python_sources)."""
+    from icae.data.corpus import parsed_python_sources
 
-    for module, path in _python_sources():
-        try:
-            with warnings.catch_warnings():  # old escape sequences in some stdlib files warn on 3.12+
-                warnings.simplefilter("ignore")
-                tree = ast.parse(path.read_bytes())
-        except (OSError, SyntaxError, ValueError):
-            continue
+    for module, tree in parsed_python_sources():
         members = module_members(module, tree)
         if members:
             yield module, members
