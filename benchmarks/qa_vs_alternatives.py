@@ -296,6 +296,111 @@ def run_dataset(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- fine-tuning, with the same search
+
+# What both fine-tunes share (only the learning rate is searched, and the memory-slots run leaves out
+# --context_as_text): batch, schedule (constant after warm-up, so a run stopped at step n equals a run of n
+# steps, and a search arm can be continued), clipping, seed, bf16 where the CPU has it.
+FINETUNE_FLAGS = [
+    "--train_file", "builtin:python-docs-qa-long", "--max_context_length", "1280", "--model_max_length", "160",
+    "--per_device_train_batch_size", "2", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "10",
+    "--max_grad_norm", "2.0", "--logging_steps", "5", "--eval_strategy", "no", "--save_steps", "10",
+    "--save_total_limit", "4", "--report_to", "none", "--seed", "42", "--disable_tqdm", "True",
+]
+
+
+def search_loss(metrics: list[dict], search_steps: int) -> float:
+    """An arm's score: the mean training loss logged over the second half of its search steps. Each batch
+    is new data there (the search is far below one epoch), so its loss before the update is a held-out loss."""
+    losses = [r["loss"] for r in metrics
+              if r.get("loss") is not None and search_steps // 2 < r["step"] <= search_steps]
+    if not losses or not all(math.isfinite(x) for x in losses):
+        return float("inf")  # diverged, or never got there
+    return statistics.mean(losses)
+
+
+def pick_learning_rate(arms: dict[str, list[dict]], search_steps: int) -> tuple[str, dict[str, float]]:
+    """The learning rate whose arm has the lowest search loss (ties: the smaller rate), and every arm's loss."""
+    scores = {lr: search_loss(metrics, search_steps) for lr, metrics in arms.items()}
+    finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
+    if not finite:
+        sys.exit(f"error: no learning-rate arm logged a finite loss by step {search_steps}: {scores}")
+    return min(finite, key=lambda lr: (finite[lr], float(lr))), scores
+
+
+def _icae_finetune(flags: list[str], log: Path) -> None:
+    import subprocess
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "icae", "finetune", *flags]
+    print(f"$ icae finetune {' '.join(flags)}  > {log}", flush=True)
+    with log.open("a") as f:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+            sys.exit(f"error: icae finetune failed; see {log}")
+
+
+def run_finetune(args) -> int:
+    """Per source: one arm per learning rate for --search_steps, the best arm continued to --max_steps
+    (resumed from its own checkpoint). Writes WORK/finetune.json: the arms' losses, the pick, the checkpoint."""
+    work = Path(args.work_dir)
+    record_path = work / "finetune.json"
+    rates = [lr.strip() for lr in args.learning_rates.split(",") if lr.strip()]
+    bf16 = args.bf16
+    if bf16 == "auto":
+        from icae.core.precision import fast_dtype
+
+        bf16 = str(fast_dtype("cpu") == torch.bfloat16)
+    for source in [s.strip() for s in args.sources.split(",") if s.strip()]:
+        if source not in ("memory_slots", "full_context_finetuned"):
+            sys.exit(f"error: only memory_slots and full_context_finetuned are fine-tuned, not {source}")
+        extra = ["--context_as_text", "True"] if source == "full_context_finetuned" else []
+        base = ["--restore_from", args.restore_from, *extra, *FINETUNE_FLAGS, "--bf16", bf16]
+        arms = {}
+        for lr in rates:
+            out = work / "lr" / f"{source}-{lr}"
+            if not any(r.get("step", 0) >= args.search_steps for r in read_jsonl(out / "metrics.jsonl")):
+                _icae_finetune([*base, "--learning_rate", lr, "--max_steps", str(args.search_steps),
+                                "--max_eval_samples", "0", "--output_dir", str(out)], out.with_suffix(".log"))
+            arms[lr] = read_jsonl(out / "metrics.jsonl")
+        lr, scores = pick_learning_rate(arms, args.search_steps)
+        out = work / "lr" / f"{source}-{lr}"
+        print(f"{source}: learning rate {lr} (search losses {scores}); continuing it to step {args.max_steps}",
+              flush=True)
+        _icae_finetune([*base, "--learning_rate", lr, "--max_steps", str(args.max_steps), "--output_dir", str(out)],
+                       out.with_suffix(".log"))
+        checkpoint = out / f"checkpoint-{args.max_steps}"
+        if not checkpoint.is_dir():
+            sys.exit(f"error: {checkpoint} was not written; see {out.with_suffix('.log')}")
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}  # another source's run may
+        record[source] = {"search_losses": scores,                                    # have written meanwhile "learning_rate": lr, "search_steps": args.search_steps,
+                          "max_steps": args.max_steps, "checkpoint": str(checkpoint)}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return 0
+
+
+def run_all(args) -> int:
+    """The whole comparison in one command: both fine-tunes (same search), LLMLingua, the six rows, the
+    wrong-context control, the report."""
+    work = Path(args.work_dir)
+    run_finetune(argparse.Namespace(**{**vars(args), "sources": "memory_slots,full_context_finetuned"}))
+    tuned = json.loads((work / "finetune.json").read_text())
+    common = {"eval_file": args.eval_file, "contexts": args.contexts, "first_context": 0,
+              "max_context_length": args.max_context_length, "dtype": "auto"}
+    run_llmlingua(argparse.Namespace(**common, output=str(work / "llmlingua.jsonl"), tries=3,
+                                     model_name_or_path=args.model_name_or_path, fixed_mem_size=args.fixed_mem_size,
+                                     rate=args.rate))
+    answer = dict(common, checkpoint=tuned["memory_slots"]["checkpoint"], max_new_tokens=64,
+                  text_checkpoint=tuned["full_context_finetuned"]["checkpoint"], base_checkpoint=args.restore_from)
+    run_answers(argparse.Namespace(**answer, llmlingua=str(work / "llmlingua.jsonl"), sources=",".join(SOURCES),
+                                   wrong_contexts=False, output=str(work / "answers.jsonl")))
+    run_answers(argparse.Namespace(**answer, llmlingua=None, sources="memory_slots", wrong_contexts=True,
+                                   output=str(work / "control-wrong-contexts.jsonl")))
+    control = summarize(read_jsonl(work / "control-wrong-contexts.jsonl"))
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.output_dir) / "control_wrong_contexts.json").write_text(json.dumps(control, indent=2) + "\n")
+    return run_report(argparse.Namespace(answers=[str(work / "answers.jsonl")], output_dir=args.output_dir))
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -458,11 +563,27 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dataset", parents=[common])
     d.add_argument("--model_name_or_path", default="smollm2-135m")
     d.add_argument("--output", default=None)
+    f = argparse.ArgumentParser(add_help=False)
+    f.add_argument("--restore_from", default="smollm2-135m-icae", help="the pretrained compressor both start from")
+    f.add_argument("--work_dir", default="runs/qa-long", help="fine-tuning runs, answers (not kept)")
+    f.add_argument("--learning_rates", default="3e-4,1e-3,3e-3", help="the search: one arm each, for both sources")
+    f.add_argument("--search_steps", type=int, default=30)
+    f.add_argument("--max_steps", type=int, default=300, help="the chosen arm is continued to this step")
+    f.add_argument("--bf16", default="auto", help="icae finetune's --bf16 (auto: where the CPU has bf16 instructions)")
+    ft = sub.add_parser("finetune", parents=[f])
+    ft.add_argument("--sources", default="memory_slots,full_context_finetuned")
+    al = sub.add_parser("all", parents=[common, f])
+    al.add_argument("--output_dir", default="docs/results/qa-vs-alternatives")
+    al.add_argument("--model_name_or_path", default="smollm2-135m", help="LLMLingua's scoring model")
+    al.add_argument("--fixed_mem_size", type=int, default=8)
+    al.add_argument("--rate", type=int, default=4)
     r = sub.add_parser("report")
     r.add_argument("--answers", required=True, nargs="+", help="the answer step's JSONL file(s)")
     r.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
-    return {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report, "dataset": run_dataset}[args.step](args)
+    steps = {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report, "dataset": run_dataset,
+             "finetune": run_finetune, "all": run_all}
+    return steps[args.step](args)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,47 @@ def test_llmlingua_compresses_offline_with_a_local_model(tmp_path):
     assert out["tokens"] == len(byte_tokenizer()(text, add_special_tokens=False)["input_ids"])
     assert 0 < out["kept_tokens"] < out["tokens"] and out["seconds"] > 0
     assert out["ratio"] == pytest.approx(out["kept_tokens"] / out["tokens"])
+
+
+def test_learning_rate_search_picks_the_lowest_late_loss(bench):
+    def arm(losses):  # logged every 5 steps, as FINETUNE_FLAGS log
+        return [{"step": 5 * (i + 1), "loss": x} for i, x in enumerate(losses)] + [{"step": 31, "train_loss": 9.0}]
+
+    arms = {"3e-4": arm([9, 8, 7, 6, 5, 4]),          # steps 20-30: mean (6+5+4)/3 = 5
+            "1e-3": arm([9, 2, 2, 4.5, 4.5, 4.5]),    # lowest early, 4.5 late: the late window decides
+            "3e-3": arm([9, 1, 1, 1, float("nan"), 1])}  # diverged inside the window: never picked
+    lr, scores = bench.pick_learning_rate(arms, search_steps=30)
+    assert lr == "1e-3"
+    assert scores["3e-4"] == pytest.approx(5.0) and scores["1e-3"] == pytest.approx(4.5)
+    assert scores["3e-3"] == float("inf")
+    assert bench.search_loss(arm([1, 1]), search_steps=30) == float("inf")  # stopped before the window
+    tie = {"1e-3": arm([1] * 6), "3e-4": arm([1] * 6)}
+    assert bench.pick_learning_rate(tie, 30)[0] == "3e-4"  # a tie goes to the smaller rate
+    with pytest.raises(SystemExit, match="no learning-rate arm"):
+        bench.pick_learning_rate({"1e-3": arm([float("inf")] * 6)}, 30)
+
+
+def test_finetune_step_searches_then_continues_the_best_arm(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_finetune(flags, log):  # what icae finetune leaves: metrics.jsonl and checkpoint-N
+        out = Path(flags[flags.index("--output_dir") + 1])
+        lr, steps = float(flags[flags.index("--learning_rate") + 1]), int(flags[flags.index("--max_steps") + 1])
+        calls.append((out.name, steps, "--context_as_text" in flags))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": abs(lr - 1e-3) + 1 / s}) + "\n" for s in range(5, steps + 1, 5)))
+        (out / f"checkpoint-{steps}").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(bench, "_icae_finetune", fake_finetune)
+    args = bench.main.__globals__["argparse"].Namespace(
+        work_dir=str(tmp_path), learning_rates="3e-4,1e-3,3e-3", search_steps=10, max_steps=20,
+        sources="memory_slots,full_context_finetuned", restore_from="ckpt", bf16="False")
+    assert bench.run_finetune(args) == 0
+    record = json.loads((tmp_path / "finetune.json").read_text())
+    for source, as_text in (("memory_slots", False), ("full_context_finetuned", True)):
+        assert record[source]["learning_rate"] == "1e-3"
+        assert record[source]["checkpoint"] == str(tmp_path / "lr" / f"{source}-1e-3" / "checkpoint-20")
+        mine = [c for c in calls if c[0].startswith(source)]
+        assert mine == [(f"{source}-3e-4", 10, as_text), (f"{source}-1e-3", 10, as_text),
+                        (f"{source}-3e-3", 10, as_text), (f"{source}-1e-3", 20, as_text)]
