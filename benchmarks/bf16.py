@@ -10,7 +10,10 @@ Arithmetics (what the commands do):
   bf16-autocast   fp32 weights under torch.autocast(cpu, bf16): `--bf16 True` before this benchmark
   bf16            `--bf16 True` now: frozen weights stored in bf16, fp32 LoRA/memory master weights,
                   autocast, attention in fp32 SDPA (icae.core.precision)
-  bf16-compile    bf16 with the step's forward under torch.compile (only with --compile)
+  bf16-compile    bf16 with the step's forward under torch.compile (--compile whole)
+  bf16-compile-layers  bf16 with each decoder layer compiled on its own (--compile layers; "regional
+                  compilation": the layers share one structure, so one compiled graph serves all of them
+                  and the warm-up is one layer's, not the whole model's)
 
 Train steps: each setting runs in a fresh process that builds one model per arithmetic and alternates their
 steps for --rounds rounds (order reversed every other round), so the ratios compare steps seconds apart on a
@@ -65,7 +68,7 @@ def build(setting: dict, arithmetic: str, smoke: bool):
     from icae.core.precision import use_fp32_attention
     from icae.testing import tiny_base_model
 
-    bf16_weights = arithmetic in ("bf16", "bf16-compile")
+    bf16_weights = arithmetic in ("bf16", "bf16-compile", "bf16-compile-layers")
     dtype = torch.bfloat16 if bf16_weights else torch.float32
     base = tiny_base_model("llama").to(dtype) if smoke else load_base_model("smollm2-135m", dtype=dtype)
     if bf16_weights:
@@ -83,6 +86,10 @@ def build(setting: dict, arithmetic: str, smoke: bool):
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     autocast = arithmetic != "fp32"
     forward = torch.compile(model) if arithmetic == "bf16-compile" else model
+    if arithmetic == "bf16-compile-layers":
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                module.compile()
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -225,7 +232,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--wait_policies", default="PASSIVE,default",
                    help="OpenMP wait policies to compare (decoding; steps at 2+ threads)")
-    p.add_argument("--compile", action="store_true", help="also time bf16 under torch.compile")
+    p.add_argument("--compile", default="", help="also time bf16 under torch.compile: whole (the model), "
+                   "layers (each decoder layer), or both (whole,layers)")
     p.add_argument("--smoke", action="store_true", help="tiny random model (for tests)")
     p.add_argument("--output", default="benchmarks/results/bf16-cpu.json")
     p.add_argument("--timeout", type=int, default=3000)
@@ -239,7 +247,11 @@ def main() -> int:
         print("BENCH_RESULT " + json.dumps(result), flush=True)
         return 0
 
-    arithmetics = list(ARITHMETICS) + (["bf16-compile"] if args.compile else [])
+    compiled = {"whole": "bf16-compile", "layers": "bf16-compile-layers"}
+    modes = [m for m in args.compile.split(",") if m]
+    if set(modes) - set(compiled):
+        sys.exit(f"error: --compile takes whole and/or layers, not {args.compile}")
+    arithmetics = list(ARITHMETICS) + [compiled[m] for m in modes]
     common = ["--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
     rows = []
     parts = args.parts.split(",")

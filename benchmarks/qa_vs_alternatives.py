@@ -371,9 +371,9 @@ def run_finetune(args) -> int:
         checkpoint = out / f"checkpoint-{args.max_steps}"
         if not checkpoint.is_dir():
             sys.exit(f"error: {checkpoint} was not written; see {out.with_suffix('.log')}")
-        record = json.loads(record_path.read_text()) if record_path.exists() else {}  # another source's run may
-        record[source] = {"search_losses": scores,                                    # have written meanwhile "learning_rate": lr, "search_steps": args.search_steps,
-                          "max_steps": args.max_steps, "checkpoint": str(checkpoint)}
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}  # (another source's run
+        record[source] = {"search_losses": scores, "learning_rate": lr,               # may have written to it)
+                          "search_steps": args.search_steps, "max_steps": args.max_steps, "checkpoint": str(checkpoint)}
         record_path.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

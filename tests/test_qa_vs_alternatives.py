@@ -176,3 +176,38 @@ def test_finetune_step_searches_then_continues_the_best_arm(bench, tmp_path, mon
         mine = [c for c in calls if c[0].startswith(source)]
         assert mine == [(f"{source}-3e-4", 10, as_text), (f"{source}-1e-3", 10, as_text),
                         (f"{source}-3e-3", 10, as_text), (f"{source}-1e-3", 20, as_text)]
+
+
+def test_all_step_wires_the_steps_together(bench, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_finetune(args):
+        calls.append(("finetune", args.sources, args.max_steps))
+        (Path(args.work_dir) / "finetune.json").write_text(json.dumps(
+            {s: {"checkpoint": f"{s}-ckpt"} for s in ("memory_slots", "full_context_finetuned")}))
+        return 0
+
+    def fake_answers(args):
+        calls.append(("answer", args.sources, args.checkpoint, args.text_checkpoint, args.base_checkpoint,
+                      args.wrong_contexts, args.llmlingua, Path(args.output).name))
+        row = {"source": "memory_slots", "context": "c", "answers": ["a"], "references": ["a"], "compress_seconds": 1.0,
+               "prefix_seconds": 0.0, "answer_seconds": [1.0], "kv_cache_bytes": [10], "kv_tokens": [1],
+               "decoder_context_tokens": 8, "context_tokens": 32, "dtype": "fp32"}
+        bench.append_jsonl(Path(args.output), row)
+        return 0
+
+    monkeypatch.setattr(bench, "run_finetune", fake_finetune)
+    monkeypatch.setattr(bench, "run_llmlingua", lambda args: calls.append(("llmlingua", args.rate)) or 0)
+    monkeypatch.setattr(bench, "run_answers", fake_answers)
+    monkeypatch.setattr(bench, "run_report", lambda args: calls.append(("report", args.answers)) or 0)
+    out = tmp_path / "results"
+    assert bench.main(["all", "--work_dir", str(tmp_path), "--output_dir", str(out), "--max_steps", "7",
+                       "--restore_from", "base-ckpt"]) == 0
+    assert calls[0] == ("finetune", "memory_slots,full_context_finetuned", 7)
+    assert calls[1] == ("llmlingua", 4)
+    assert calls[2] == ("answer", ",".join(bench.SOURCES), "memory_slots-ckpt", "full_context_finetuned-ckpt",
+                        "base-ckpt", False, str(tmp_path / "llmlingua.jsonl"), "answers.jsonl")
+    assert calls[3][1:6] == ("memory_slots", "memory_slots-ckpt", "full_context_finetuned-ckpt", "base-ckpt", True)
+    assert calls[4] == ("report", [str(tmp_path / "answers.jsonl")])
+    control = json.loads((out / "control_wrong_contexts.json").read_text())
+    assert control["rows"][0]["source"] == "memory_slots" and control["rows"][0]["token_f1"] == 1.0

@@ -2,6 +2,7 @@
 # bf16 against fp32 on the compressor study's recipe (docs/results/compressor/study.sh, run epl-shared-memlr):
 # the same seed and data order, 300 steps each, one thread per run; then one report with both curves.
 # usage: bash docs/results/bf16-fidelity/run.sh [fp32|bf16|report]   (resumable: rerun a line to continue)
+# MAX_STEPS=600 continues both past 300 (constant learning rate after warm-up: the same as one 600-step run)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 run() {  # run NAME [flags...]
@@ -12,7 +13,7 @@ run() {  # run NAME [flags...]
     --position_layout epl --decoder_mode shared --memory_learning_rate 1e-2 \
     --learning_rate 1e-3 --lr_scheduler_type constant_with_warmup --warmup_steps 10 --max_grad_norm 2.0 \
     --per_device_train_batch_size 8 --per_device_eval_batch_size 16 \
-    --max_steps 300 --logging_steps 10 --eval_strategy steps --eval_steps 50 --eval_reconstruction_samples 64 \
+    --max_steps "${MAX_STEPS:-300}" --logging_steps 10 --eval_strategy steps --eval_steps 50 --eval_reconstruction_samples 64 \
     --save_steps 50 --save_total_limit 1 --report_to none --seed 42 --disable_tqdm True "$@"
 }
 case "${1:-all}" in
