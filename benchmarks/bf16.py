@@ -15,6 +15,11 @@ Arithmetics (what the commands do):
                   compilation": the layers share one structure, so one compiled graph serves all of them
                   and the warm-up is one layer's, not the whole model's)
 
+  reference-fp32  the reference-cost model of the seed's / ICAE v2's own code (benchmarks/step_bench/reference_cost.py:
+                  its forward as that code spends it, batch 1), fp32 (--reference; settings seed and v2)
+  reference-bf16  the same under torch.autocast(cpu, bf16) with fp32 weights: what the seed's
+                  `--mixed_precision=bf16` (accelerate) runs
+
 Train steps: each setting runs in a fresh process that builds one model per arithmetic and alternates their
 steps for --rounds rounds (order reversed every other round), so the ratios compare steps seconds apart on a
 shared machine. Reported: median process CPU seconds and wall seconds per step, and the ratio to fp32.
@@ -57,8 +62,43 @@ def environment() -> dict:
 
 # ----------------------------------------------------------------------------- train steps (worker)
 
+def build_reference(setting: dict, arithmetic: str, smoke: bool):
+    """A step of the reference-cost model (the seed's or ICAE v2's own code, as it spends compute), batch 1."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from step_bench.plan import LORA_TARGETS, RunConfig
+    from step_bench.reference_cost import ReferenceCostModel
+    from step_bench.steps import build_base, make_batch
+
+    if setting["batch"] != 1:
+        raise SystemExit("error: the reference-cost model runs batch 1 only (settings seed and v2)")
+    cfg = RunConfig(model="tiny" if smoke else "smollm2-135m", impl="reference", batch=1, layout="default",
+                    decoder=setting["decoder"], dtype="fp32", ckpt="off" if setting["decoder"] == "shared" else "decoder",
+                    length=setting["length"], mem_size=setting["mem"], rate=4,
+                    lora_targets="all-linear" if setting["targets"] == "all-linear" else ",".join(LORA_TARGETS))
+    base, eos = build_base(cfg)
+    torch.manual_seed(0)
+    model = ReferenceCostModel(cfg, base)
+    batch = make_batch(cfg, base.get_input_embeddings().weight.shape[0], eos, "default")
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=arithmetic == "reference-bf16"):
+            loss = model(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
 def build(setting: dict, arithmetic: str, smoke: bool):
     import torch
+
+    if arithmetic.startswith("reference"):
+        return build_reference(setting, arithmetic, smoke)
 
     from icae.core.base_model import load_base_model
     from icae.core.collate import collate
@@ -126,6 +166,8 @@ def step_worker(name: str, arithmetics: list[str], rounds: int, smoke: bool) -> 
             "step_cpu_s": statistics.median(cpu[a]), "step_wall_s": statistics.median(wall[a]),
             "cpu_ratio_to_fp32": statistics.median(x / y for x, y in zip(cpu[a], cpu["fp32"])),
             "wall_ratio_to_fp32": statistics.median(x / y for x, y in zip(wall[a], wall["fp32"])),
+            "cpu_ratio_to_reference_bf16": (statistics.median(x / y for x, y in zip(cpu[a], cpu["reference-bf16"]))
+                                            if "reference-bf16" in cpu else None),
             "first_step_loss": first_loss[a], "first_step_cpu_s": first_cpu[a], "step_cpu_all": cpu[a],
         })
     return {"rows": rows}
@@ -210,14 +252,19 @@ def run_worker(argv: list[str], threads: int, busy: bool, timeout: int, policy: 
     raise RuntimeError(f"worker {argv} failed:\n{proc.stderr[-3000:]}")
 
 
+def _ratio(x) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| setting | arithmetic | threads | OpenMP wait | step CPU s | step wall s | CPU ratio to fp32 | wall ratio |"
-             " load |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+             " CPU ratio to reference bf16 | load |", "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["part"] == "step":
             lines.append(f"| {r['setting']} | {r['arithmetic']} | {r['threads']} | {r['omp_wait_policy']} | "
                          f"{r['step_cpu_s']:.2f} | {r['step_wall_s']:.2f} | **{r['cpu_ratio_to_fp32']:.2f}** | "
-                         f"{r['wall_ratio_to_fp32']:.2f} | {r['env']['loadavg_1m']:.1f} |")
+                         f"{r['wall_ratio_to_fp32']:.2f} | {_ratio(r.get('cpu_ratio_to_reference_bf16'))} | "
+                         f"{r['env']['loadavg_1m']:.1f} |")
     lines += ["", "| dtype | threads | OpenMP wait | other process busy | decode ms/token | compress text tokens/s | "
               "reconstruction token accuracy | load |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -238,6 +285,9 @@ def main() -> int:
                    help="OpenMP wait policies to compare (decoding; steps at 2+ threads)")
     p.add_argument("--compile", default="", help="also time bf16 under torch.compile: whole (the model), "
                    "layers (each decoder layer), or both (whole,layers)")
+    p.add_argument("--reference", action="store_true", help="also time the reference-cost model of the seed's / "
+                   "ICAE v2's own code, fp32 and bf16 autocast (settings seed, v2)")
+    p.add_argument("--arithmetics", default=",".join(ARITHMETICS), help="which of ours to time (fp32 always)")
     p.add_argument("--smoke", action="store_true", help="tiny random model (for tests)")
     p.add_argument("--output", default="benchmarks/results/bf16-cpu.json")
     p.add_argument("--timeout", type=int, default=3000)
@@ -255,7 +305,10 @@ def main() -> int:
     modes = [m for m in args.compile.split(",") if m]
     if set(modes) - set(compiled):
         sys.exit(f"error: --compile takes whole and/or layers, not {args.compile}")
-    arithmetics = list(ARITHMETICS) + [compiled[m] for m in modes]
+    ours = ["fp32"] + [a for a in args.arithmetics.split(",") if a and a != "fp32"]
+    if set(ours) - set(ARITHMETICS):
+        sys.exit(f"error: --arithmetics takes {', '.join(ARITHMETICS)}, not {args.arithmetics}")
+    arithmetics = ours + [compiled[m] for m in modes] + (["reference-fp32", "reference-bf16"] if args.reference else [])
     common = ["--rounds", str(args.rounds)] + (["--smoke"] if args.smoke else [])
     rows = []
     parts = args.parts.split(",")

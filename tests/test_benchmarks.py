@@ -309,3 +309,25 @@ def test_bf16_benchmark_smoke(tmp_path):
     assert rows[0]["cpu_ratio_to_fp32"] == 1.0 and all(r["step_cpu_s"] > 0 for r in rows)
     assert all(r["env"]["cpu"] and "bf16_flags" in r["env"] for r in rows)
     assert "| grid | bf16 | 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_bf16_benchmark_reference_rows(tmp_path):
+    """--reference adds the reference-cost model of the seed's code, fp32 and bf16 autocast, timed in the same rounds:
+    every row gets its ratio to reference-bf16 (exactly 1 for that row), the seed's loss at step 0 is the same
+    order in both (same random batch, the same frozen base)."""
+    out = tmp_path / "bf16.json"
+    script = SCRIPT.parent / "bf16.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--parts", "step", "--settings", "seed",
+                           "--threads", "1", "--rounds", "2", "--arithmetics", "bf16", "--reference",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["arithmetic"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["fp32", "bf16", "reference-fp32", "reference-bf16"]
+    assert rows["reference-bf16"]["cpu_ratio_to_reference_bf16"] == 1.0
+    assert all(r["cpu_ratio_to_reference_bf16"] > 0 for r in rows.values())
+    fp32, ref = rows["fp32"]["first_step_loss"], rows["reference-fp32"]["first_step_loss"]
+    assert abs(fp32 - ref) / ref < 0.05  # the same AE task on the same text: the losses agree at step 0
+    bad = subprocess.run([sys.executable, str(script), "--smoke", "--parts", "step", "--settings", "grid",
+                          "--threads", "1", "--rounds", "1", "--reference", "--output", str(tmp_path / "b.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "batch 1 only" in bad.stdout + bad.stderr

@@ -2,7 +2,9 @@
 # bf16 against fp32 on the compressor study's recipe (docs/results/compressor/study.sh, run epl-shared-memlr):
 # the same seed and data order, 300 steps each, one thread per run; then one report with both curves.
 # usage: bash docs/results/bf16-fidelity/run.sh [fp32|bf16|report]   (resumable: rerun a line to continue)
-# MAX_STEPS=600 continues both past 300 (constant learning rate after warm-up: the same as one 600-step run)
+# MAX_STEPS=600 continues both past 300 from their step-300 checkpoints (the same learning rate: constant after
+# warm-up; --text_window random lists each text as often as max_steps x batch needs, so steps 301-600 draw from
+# the 600-step listing: not bit-for-bit one 600-step run, but the same data for both dtypes)
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 run() {  # run NAME [flags...]
