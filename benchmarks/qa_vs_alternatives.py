@@ -515,6 +515,46 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def run_curve(args) -> int:
+    """Memory-slots token F1 against fine-tuning steps (answer files per checkpoint), beside the other rows of
+    a results.json as horizontal lines: curve.json and curve.png."""
+    from icae.core import metrics
+
+    points = []
+    for item in args.answers:
+        step, _, path = item.partition("=")
+        rows = [r for r in read_jsonl(Path(path)) if r["source"] == "memory_slots"]
+        scores = metrics.qa_scores([a for r in rows for a in r["answers"]], [a for r in rows for a in r["references"]])
+        points.append({"step": int(step), "token_f1": scores["token_f1"], "exact_match": scores["exact_match"],
+                       "questions": sum(len(r["answers"]) for r in rows)})
+    points.sort(key=lambda p: p["step"])
+    others = {r["source"]: r["token_f1"] for r in json.loads(Path(args.results).read_text())["rows"]
+              if r["source"] != "memory_slots"}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curve.json").write_text(json.dumps({"memory_slots": points, "other_rows": others}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([p["step"] for p in points], [p["token_f1"] for p in points], "o-", label="memory_slots")
+    for i, (source, f1) in enumerate(sorted(others.items(), key=lambda kv: -kv[1])):
+        ax.axhline(f1, linestyle="--", linewidth=1, color=f"C{i + 1}", label=f"{source} (at the last step)")
+    ax.set_xlabel("fine-tuning steps (batch 2)")
+    ax.set_ylabel("token F1, held-out questions")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "curve.png", dpi=120)
+    plt.close(fig)
+    for p in points:
+        print(f"step {p['step']}: token F1 {p['token_f1']:.3f} ({p['questions']} questions)")
+    return 0
+
+
 def run_report(args) -> int:
     rows = [row for path in args.answers for row in read_jsonl(Path(path))]
     summary = summarize(rows)
@@ -577,12 +617,16 @@ def main(argv: list[str] | None = None) -> int:
     al.add_argument("--model_name_or_path", default="smollm2-135m", help="LLMLingua's scoring model")
     al.add_argument("--fixed_mem_size", type=int, default=8)
     al.add_argument("--rate", type=int, default=4)
+    c = sub.add_parser("curve")
+    c.add_argument("--answers", required=True, nargs="+", help="STEP=answers.jsonl, one per memory-slots checkpoint")
+    c.add_argument("--results", required=True, help="the report's results.json (the other rows, as lines)")
+    c.add_argument("--output_dir", required=True)
     r = sub.add_parser("report")
     r.add_argument("--answers", required=True, nargs="+", help="the answer step's JSONL file(s)")
     r.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
     steps = {"llmlingua": run_llmlingua, "answer": run_answers, "report": run_report, "dataset": run_dataset,
-             "finetune": run_finetune, "all": run_all}
+             "finetune": run_finetune, "all": run_all, "curve": run_curve}
     return steps[args.step](args)
 
 

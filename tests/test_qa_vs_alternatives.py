@@ -211,3 +211,20 @@ def test_all_step_wires_the_steps_together(bench, tmp_path, monkeypatch):
     assert calls[4] == ("report", [str(tmp_path / "answers.jsonl")])
     control = json.loads((out / "control_wrong_contexts.json").read_text())
     assert control["rows"][0]["source"] == "memory_slots" and control["rows"][0]["token_f1"] == 1.0
+
+
+def test_curve_scores_each_checkpoint(bench, tmp_path):
+    def answers(path, hyps):
+        for i, h in enumerate(hyps):
+            bench.append_jsonl(path, {"source": "memory_slots", "context": str(i), "answers": [h],
+                                      "references": ["return the sum"]})
+    answers(tmp_path / "a10.jsonl", ["nothing here", "nothing"])
+    answers(tmp_path / "a20.jsonl", ["return the sum", "nothing"])
+    (tmp_path / "results.json").write_text(json.dumps({"rows": [{"source": "memory_slots", "token_f1": 0.5},
+                                                                {"source": "truncated", "token_f1": 0.4}]}))
+    assert bench.main(["curve", "--answers", f"20={tmp_path / 'a20.jsonl'}", f"10={tmp_path / 'a10.jsonl'}",
+                       "--results", str(tmp_path / "results.json"), "--output_dir", str(tmp_path / "out")]) == 0
+    curve = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert [p["step"] for p in curve["memory_slots"]] == [10, 20]
+    assert curve["memory_slots"][0]["token_f1"] == 0.0 and curve["memory_slots"][1]["token_f1"] == pytest.approx(0.5)
+    assert curve["other_rows"] == {"truncated": 0.4} and (tmp_path / "out" / "curve.png").stat().st_size > 0
