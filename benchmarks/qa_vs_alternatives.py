@@ -386,8 +386,13 @@ def run_all(args) -> int:
     tuned = json.loads((work / "finetune.json").read_text())
     common = {"eval_file": args.eval_file, "contexts": args.contexts, "first_context": 0,
               "max_context_length": args.max_context_length, "dtype": "auto"}
+    scorer = args.model_name_or_path
+    if scorer is None:  # LLMLingua scores with the compressor's own base model
+        from icae.core.config import CONFIG_NAME, resolve_checkpoint
+
+        scorer = json.loads((resolve_checkpoint(args.restore_from) / CONFIG_NAME).read_text())["model_name_or_path"]
     run_llmlingua(argparse.Namespace(**common, output=str(work / "llmlingua.jsonl"), tries=3,
-                                     model_name_or_path=args.model_name_or_path, fixed_mem_size=args.fixed_mem_size,
+                                     model_name_or_path=scorer, fixed_mem_size=args.fixed_mem_size,
                                      rate=args.rate))
     answer = dict(common, checkpoint=tuned["memory_slots"]["checkpoint"], max_new_tokens=64,
                   text_checkpoint=tuned["full_context_finetuned"]["checkpoint"], base_checkpoint=args.restore_from)
@@ -614,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     ft.add_argument("--sources", default="memory_slots,full_context_finetuned")
     al = sub.add_parser("all", parents=[common, f])
     al.add_argument("--output_dir", default="docs/results/qa-vs-alternatives")
-    al.add_argument("--model_name_or_path", default="smollm2-135m", help="LLMLingua's scoring model")
+    al.add_argument("--model_name_or_path", default=None, help="LLMLingua's scoring model (default: the base model "
+                    "of --restore_from)")
     al.add_argument("--fixed_mem_size", type=int, default=8)
     al.add_argument("--rate", type=int, default=4)
     c = sub.add_parser("curve")

@@ -197,14 +197,15 @@ def test_all_step_wires_the_steps_together(bench, tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(bench, "run_finetune", fake_finetune)
-    monkeypatch.setattr(bench, "run_llmlingua", lambda args: calls.append(("llmlingua", args.rate)) or 0)
+    monkeypatch.setattr(bench, "run_llmlingua", lambda args: calls.append(("llmlingua", args.rate, args.model_name_or_path)) or 0)
     monkeypatch.setattr(bench, "run_answers", fake_answers)
     monkeypatch.setattr(bench, "run_report", lambda args: calls.append(("report", args.answers)) or 0)
     out = tmp_path / "results"
     assert bench.main(["all", "--work_dir", str(tmp_path), "--output_dir", str(out), "--max_steps", "7",
+                       "--model_name_or_path", "scorer",
                        "--restore_from", "base-ckpt"]) == 0
     assert calls[0] == ("finetune", "memory_slots,full_context_finetuned", 7)
-    assert calls[1] == ("llmlingua", 4)
+    assert calls[1] == ("llmlingua", 4, "scorer")
     assert calls[2] == ("answer", ",".join(bench.SOURCES), "memory_slots-ckpt", "full_context_finetuned-ckpt",
                         "base-ckpt", False, str(tmp_path / "llmlingua.jsonl"), "answers.jsonl")
     assert calls[3][1:6] == ("memory_slots", "memory_slots-ckpt", "full_context_finetuned-ckpt", "base-ckpt", True)
@@ -228,3 +229,20 @@ def test_curve_scores_each_checkpoint(bench, tmp_path):
     assert [p["step"] for p in curve["memory_slots"]] == [10, 20]
     assert curve["memory_slots"][0]["token_f1"] == 0.0 and curve["memory_slots"][1]["token_f1"] == pytest.approx(0.5)
     assert curve["other_rows"] == {"truncated": 0.4} and (tmp_path / "out" / "curve.png").stat().st_size > 0
+
+
+def test_all_step_scores_llmlingua_with_the_checkpoints_base_model(bench, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "icae_config.json").write_text(json.dumps({"model_name_or_path": "some/base-model"}))
+    seen = []
+    monkeypatch.setattr(bench, "run_finetune", lambda args: (Path(args.work_dir) / "finetune.json").write_text(
+        json.dumps({s: {"checkpoint": s} for s in ("memory_slots", "full_context_finetuned")})))
+    monkeypatch.setattr(bench, "run_llmlingua", lambda args: seen.append(args.model_name_or_path))
+    monkeypatch.setattr(bench, "run_answers", lambda args: bench.append_jsonl(Path(args.output), {
+        "source": "memory_slots", "context": "c", "answers": ["a"], "references": ["b"], "compress_seconds": 0.0,
+        "prefix_seconds": 0.0, "answer_seconds": [1.0], "kv_cache_bytes": [1], "kv_tokens": [1],
+        "decoder_context_tokens": 1, "context_tokens": 4, "dtype": "fp32"}))
+    monkeypatch.setattr(bench, "run_report", lambda args: 0)
+    bench.main(["all", "--work_dir", str(tmp_path), "--output_dir", str(tmp_path / "o"), "--restore_from", str(ckpt)])
+    assert seen == ["some/base-model"]
