@@ -302,7 +302,7 @@ def run_dataset(args) -> int:
 # --context_as_text): batch, schedule (constant after warm-up, so a run stopped at step n equals a run of n
 # steps, and a search arm can be continued), clipping, seed, bf16 where the CPU has it.
 FINETUNE_FLAGS = [
-    "--train_file", "builtin:python-docs-qa-long", "--max_context_length", "1280", "--model_max_length", "160",
+    "--max_context_length", "1280", "--model_max_length", "160",
     "--per_device_train_batch_size", "2", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "10",
     "--max_grad_norm", "2.0", "--logging_steps", "5", "--eval_strategy", "no", "--save_steps", "10",
     "--save_total_limit", "4", "--report_to", "none", "--seed", "42", "--disable_tqdm", "True",
@@ -354,7 +354,8 @@ def run_finetune(args) -> int:
         if source not in ("memory_slots", "full_context_finetuned"):
             sys.exit(f"error: only memory_slots and full_context_finetuned are fine-tuned, not {source}")
         extra = ["--context_as_text", "True"] if source == "full_context_finetuned" else []
-        base = ["--restore_from", args.restore_from, *extra, *FINETUNE_FLAGS, "--bf16", bf16]
+        base = ["--restore_from", args.restore_from, "--train_file", args.train_file, *extra, *FINETUNE_FLAGS,
+                "--bf16", bf16]
         arms = {}
         for lr in rates:
             out = work / "lr" / f"{source}-{lr}"
@@ -611,9 +612,11 @@ def main(argv: list[str] | None = None) -> int:
     f = argparse.ArgumentParser(add_help=False)
     f.add_argument("--restore_from", default="smollm2-135m-icae", help="the pretrained compressor both start from")
     f.add_argument("--work_dir", default="runs/qa-long", help="fine-tuning runs, answers (not kept)")
+    f.add_argument("--train_file", default="builtin:python-docs-qa-long", help="the fine-tuning questions (a built-in "
+                   "set's train split, or a PwC-format file)")
     f.add_argument("--learning_rates", default="3e-4,1e-3,3e-3", help="the search: one arm each, for both sources")
     f.add_argument("--search_steps", type=int, default=30)
-    f.add_argument("--max_steps", type=int, default=300, help="the chosen arm is continued to this step")
+    f.add_argument("--max_steps", type=int, default=400, help="the chosen arm is continued to this step")
     f.add_argument("--bf16", default="auto", help="icae finetune's --bf16 (auto: where the CPU has bf16 instructions)")
     ft = sub.add_parser("finetune", parents=[f])
     ft.add_argument("--sources", default="memory_slots,full_context_finetuned")

@@ -159,6 +159,7 @@ def test_finetune_step_searches_then_continues_the_best_arm(bench, tmp_path, mon
         out = Path(flags[flags.index("--output_dir") + 1])
         lr, steps = float(flags[flags.index("--learning_rate") + 1]), int(flags[flags.index("--max_steps") + 1])
         calls.append((out.name, steps, "--context_as_text" in flags))
+        assert flags[flags.index("--train_file") + 1] == "qa.jsonl"
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "loss": abs(lr - 1e-3) + 1 / s}) + "\n" for s in range(5, steps + 1, 5)))
@@ -167,7 +168,7 @@ def test_finetune_step_searches_then_continues_the_best_arm(bench, tmp_path, mon
     monkeypatch.setattr(bench, "_icae_finetune", fake_finetune)
     args = bench.main.__globals__["argparse"].Namespace(
         work_dir=str(tmp_path), learning_rates="3e-4,1e-3,3e-3", search_steps=10, max_steps=20,
-        sources="memory_slots,full_context_finetuned", restore_from="ckpt", bf16="False")
+        sources="memory_slots,full_context_finetuned", restore_from="ckpt", bf16="False", train_file="qa.jsonl")
     assert bench.run_finetune(args) == 0
     record = json.loads((tmp_path / "finetune.json").read_text())
     for source, as_text in (("memory_slots", False), ("full_context_finetuned", True)):
