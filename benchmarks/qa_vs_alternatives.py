@@ -142,13 +142,13 @@ def answer_context(model, source: str, context_ids: list[int], prompts: list[lis
                    llmlingua_ids: list[int] | None = None, llmlingua_seconds: float = 0.0) -> dict:
     """One source's answers to the questions about one context, with what it cost."""
     from icae.core.inference import compress, eval_mode
-    from icae.core.positions import decoder_positions
+    from icae.core.positions import decoder_positions, segment_spans
     from icae.core.collate import special_token_id
     from icae.core.text_context import start_id
 
     c = model.config
     m, r = c.fixed_mem_size, c.mean_compression_rate
-    n_slots = math.ceil(len(context_ids) / (m * r)) * m
+    n_slots = len(segment_spans(len(context_ids), m, r)) * m  # what compress makes of the context
     bos = start_id(model)
     lora = model._decoder_state()
     compress_seconds = 0.0
@@ -196,6 +196,7 @@ def answer_context(model, source: str, context_ids: list[int], prompts: list[lis
 def run_llmlingua(args) -> int:
     from icae.core.base_model import load_tokenizer
     from icae.core.prompt_compression import llmlingua_compress, llmlingua_compressor
+    from icae.core.positions import segment_spans
 
     out = Path(args.output)
     done = {row["context"] for row in read_jsonl(out)}
@@ -213,7 +214,7 @@ def run_llmlingua(args) -> int:
         context_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"][: args.max_context_length]
         text = tokenizer.decode(context_ids)
         m, r = args.fixed_mem_size, args.rate
-        rate = math.ceil(len(context_ids) / (m * r)) * m / len(context_ids)  # the slots' budget, as a share
+        rate = len(segment_spans(len(context_ids), m, r)) * m / len(context_ids)  # the slots' budget, as a share
         found = llmlingua_compress(compressor, [text], rate=rate, tries=args.tries)[0]
         append_jsonl(out, {"context": ctx, "rate_target": rate, "dtype": str(dtype).removeprefix("torch."), **found})
         print(f"llmlingua: {found['tokens']} -> {found['kept_tokens']} tokens ({found['ratio']:.3f}; target "

@@ -125,6 +125,7 @@ def show_answer(checkpoint: str, question: int = QUESTION) -> dict | None:
     """One held-out question through a QA fine-tuned checkpoint: its context -> slots -> the answer, beside
     the base model's (LoRA off) answer from the whole context as text."""
     from icae.core.model import load_checkpoint
+    from icae.core.positions import segment_spans
     from icae.errors import UserError
     from icae.recipes.evaluate import load_eval_records, qa_answers, qa_triples
 
@@ -145,7 +146,8 @@ def show_answer(checkpoint: str, question: int = QUESTION) -> dict | None:
     from_text = tokenizer.decode(qa_answers(model, triples, "full_context")[0], skip_special_tokens=True).strip()
     text_seconds = time.process_time() - start
     tokens = len(triples[0][0])
-    slots = -(-tokens // (model.config.fixed_mem_size * model.config.mean_compression_rate)) * model.config.fixed_mem_size
+    m, r = model.config.fixed_mem_size, model.config.mean_compression_rate
+    slots = len(segment_spans(tokens, m, r)) * m  # what compress made of the context
     first_line = record["input"].splitlines()[0]
     one_line = " ".join(from_text.split())  # the base model's answer may run over several lines
     print(f"checkpoint {checkpoint}: a held-out context of {tokens} tokens ({first_line[:60]} ...) -> {slots} memory slots")
